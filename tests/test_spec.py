@@ -60,7 +60,9 @@ def test_defaults():
     assert spec.threads is None
 
 
-@pytest.mark.parametrize("mode, group_size", [("bf16", None), ("int8", None), ("awq", 128), ("k2", 32)])
+@pytest.mark.parametrize(
+    "mode, group_size", [("bf16", None), ("int8", None), ("awq", 128), ("k2", 32)]
+)
 def test_default_group_size(mode, group_size):
     assert QuantSpec(mode=mode).group_size == group_size
     assert make(quant={"mode": mode}).quant.group_size == group_size
@@ -160,7 +162,9 @@ def test_bad_value_in_yaml_names_field(tmp_path, field, changes):
     assert str(path) in message
 
 
-@pytest.mark.parametrize("field", ["name", "expert_num", "num_experts_per_tok", "hidden_size", "intermediate_size"])
+@pytest.mark.parametrize(
+    "field", ["name", "expert_num", "num_experts_per_tok", "hidden_size", "intermediate_size"]
+)
 def test_required_fields(field):
     data = {key: value for key, value in BASE.items() if key != field}
     with pytest.raises(ValidationError, match=field):
@@ -232,7 +236,10 @@ def test_replace_nested_dicts_recompute_defaults():
     [
         make(),
         make(lora=None),
-        make(quant={"mode": "awq", "group_size": 64}, lora={"rank": 3, "alpha": 0.5, "use_rslora": True}),
+        make(
+            quant={"mode": "awq", "group_size": 64},
+            lora={"rank": 3, "alpha": 0.5, "use_rslora": True},
+        ),
         make(tp_count=2, threads=4, isa="avx2", max_cache_depth=3, lora={"dtype": "bfloat16"}),
     ],
 )
