@@ -1,0 +1,110 @@
+"""ISA tiers: what each needs from the CPU, how `auto` picks one, and its compiler flags.
+
+A tier is one set of templates and flags. The flags never include -march=native: a cached
+binary must not depend on which machine compiled it, only on the tier it was rendered for.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+TIERS = ("amx", "avx512", "avx2", "generic")
+
+
+class ISAError(RuntimeError):
+    """A tier was asked for that this CPU (or build) cannot run."""
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    requires: tuple[str, ...]      # /proc/cpuinfo flags, all needed
+    flags: tuple[str, ...]         # compiler flags of the rendered source
+    implemented: bool = True
+
+
+_TIERS = {
+    "generic": Tier("generic", (), ()),
+    "avx2": Tier("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    "avx512": Tier(
+        "avx512",
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+    ),
+    "amx": Tier(
+        "amx",
+        ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512bw", "avx512vl"),
+        (),
+        implemented=False,
+    ),
+}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is missing)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def tier(name: str) -> Tier:
+    if name not in _TIERS:
+        raise ISAError(f"unknown ISA tier {name!r}; known tiers: {', '.join(TIERS)}")
+    return _TIERS[name]
+
+
+def missing_features(name: str, flags: frozenset[str] | None = None) -> list[str]:
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in tier(name).requires if f not in flags]
+
+
+def compile_flags(name: str, flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it."""
+    flags = cpu_flags() if flags is None else flags
+    extra = ("-mavx512vnni",) if name == "avx512" and "avx512_vnni" in flags else ()
+    return tier(name).flags + extra
+
+
+def has_vnni(name: str, flags: frozenset[str] | None = None) -> bool:
+    return "-mavx512vnni" in compile_flags(name, flags)
+
+
+def choose(requested: str = "auto", flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The tier to run and why. A forced tier the CPU lacks raises ISAError."""
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine().lower() not in ("x86_64", "amd64") and requested not in ("auto", "generic"):
+        raise ISAError(f"ISA tier {requested!r} needs an x86-64 CPU; this is {platform.machine()}")
+    if requested != "auto":
+        t = tier(requested)
+        if not t.implemented:
+            raise ISAError(f"ISA tier {requested!r} is not implemented in this version of ktgen")
+        missing = missing_features(requested, flags)
+        if missing:
+            raise ISAError(
+                f"ISA tier {requested!r} needs CPU features {', '.join(missing)}, "
+                f"which this CPU does not report; use isa 'auto' or one of: "
+                f"{', '.join(available_tiers(flags))}"
+            )
+        return requested, f"requested explicitly"
+    for name in TIERS:
+        t = _TIERS[name]
+        if not t.implemented:
+            continue
+        missing = missing_features(name, flags)
+        if not missing:
+            return name, f"best implemented tier whose features ({', '.join(t.requires) or 'none'}) the CPU has"
+    return "generic", "no vector tier matches this CPU"
+
+
+def available_tiers(flags: frozenset[str] | None = None) -> list[str]:
+    flags = cpu_flags() if flags is None else flags
+    return [n for n in TIERS if _TIERS[n].implemented and not missing_features(n, flags)]

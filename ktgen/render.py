@@ -1,0 +1,96 @@
+"""Rendering: (spec, ISA tier) -> C sources. A pure function: no I/O beyond reading templates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from ._version import __version__
+from .spec import MoESpec
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+# Register blocking of the micro-kernels per tier (see moe.c.j2): dot form mr x nr
+# accumulators, broadcast form mr rows x kv vectors. Chosen to fit the register file
+# (16 vector registers for avx2, 32 for avx512) with room for the weight vectors.
+# Broadcast tiles are 32 columns wide on every tier: hidden and intermediate sizes are
+# only guaranteed to be multiples of 32.
+BLOCKING = {
+    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_kv=32),
+    "avx2": dict(dot_mr=2, dot_nr=4, bc_mr=2, bc_kv=4),
+    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=8, bc_kv=2),
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prefix: str        # C symbol prefix, ktgen_<spec name>
+    header_name: str
+    header: str        # the documented public header
+    source: str        # the kernel translation unit
+    cdef: str          # declarations for cffi
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def template_sources() -> dict[str, str]:
+    """Every template's text, for the cache key."""
+    return {p.name: p.read_text() for p in sorted(TEMPLATES.iterdir()) if p.is_file()}
+
+
+def _c_float(x: float) -> str:
+    return repr(float(x))
+
+
+def render(spec: MoESpec, tier: str, vnni: bool = False) -> Rendered:
+    if tier not in BLOCKING:
+        raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
+    prefix = f"ktgen_{spec.name}"
+    lora = spec.lora
+    lora_bf16 = bool(lora and lora.dtype == "bfloat16")
+    # With several partitions the A-side LoRA gradients are partial sums: keep them float32
+    # so that the merge rounds once.
+    gradsum_bf16 = lora_bf16 and spec.tp_count == 1
+    ctx = dict(
+        p=prefix,
+        spec_name=spec.name,
+        version=__version__,
+        tier=tier,
+        vnni=vnni,
+        header_name=f"{spec.name}.h",
+        guard=f"KTGEN_{spec.name.upper()}_H",
+        E=spec.expert_num,
+        k=spec.num_experts_per_tok,
+        H=spec.hidden_size,
+        I=spec.intermediate_per_partition,
+        I_FULL=spec.intermediate_size,
+        tp_count=spec.tp_count,
+        R=lora.rank if lora else 0,
+        has_lora=lora is not None,
+        scale=_c_float(lora.scale if lora else 0.0),
+        lora_bf16=lora_bf16,
+        gradsum_bf16=gradsum_bf16,
+        lora_ctype="uint16_t" if lora_bf16 else "float",
+        gradsum_ctype="uint16_t" if gradsum_bf16 else "float",
+        max_len=spec.max_len,
+        depth=spec.max_cache_depth,
+        **BLOCKING[tier],
+    )
+    env = _env()
+    api = env.get_template("api.h.j2").render(**ctx)
+    header = env.get_template("header.h.j2").render(api=api, **ctx)
+    tier_source = env.get_template(f"tier_{tier}.h.j2").render(**ctx)
+    source = env.get_template("moe.c.j2").render(tier_source=tier_source, **ctx)
+    return Rendered(prefix=prefix, header_name=ctx["header_name"], header=header, source=source, cdef=api)

@@ -1,0 +1,349 @@
+"""The Python runtime (contract §4): argument checks, saved-forward slots, TP split and merge.
+
+Every array is checked (dtype, shape, C-contiguity, expert id range, T) before a pointer
+reaches C; outputs are allocated here, so the kernel never writes into a buffer of the
+caller's choosing except the LoRA gradient arrays it also allocates. Each TP partition is
+its own C context with its own thread team; partitions run concurrently from Python
+threads (cffi releases the GIL during every kernel call).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+import ml_dtypes
+import numpy as np
+
+from .compiler import Kernel, compile as compile_kernel
+from .spec import MoESpec
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class CacheFullError(RuntimeError):
+    """Every saved-forward slot (max_cache_depth) is taken."""
+
+
+class KernelError(RuntimeError):
+    """A kernel returned an error code."""
+
+
+LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+
+@dataclass
+class LoRAWeights:
+    """The six LoRA matrices of a layer (§2 shapes, stacked over experts, dtype lora.dtype)."""
+
+    gate_a: np.ndarray  # [E, r, H]
+    gate_b: np.ndarray  # [E, I, r]
+    up_a: np.ndarray    # [E, r, H]
+    up_b: np.ndarray    # [E, I, r]
+    down_a: np.ndarray  # [E, r, I]
+    down_b: np.ndarray  # [E, H, r]
+
+    @staticmethod
+    def shapes(spec: MoESpec) -> dict[str, tuple[int, ...]]:
+        E, H, I, r = spec.expert_num, spec.hidden_size, spec.intermediate_size, spec.lora.rank
+        return {"gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
+                "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r)}
+
+    @classmethod
+    def zeros(cls, spec: MoESpec) -> "LoRAWeights":
+        dtype = lora_dtype(spec)
+        return cls(**{n: np.zeros(s, dtype) for n, s in cls.shapes(spec).items()})
+
+    @classmethod
+    def random(cls, spec: MoESpec, rng: np.random.Generator, std: float = 0.02) -> "LoRAWeights":
+        dtype = lora_dtype(spec)
+        return cls(**{n: (rng.standard_normal(s, np.float32) * std).astype(dtype)
+                      for n, s in cls.shapes(spec).items()})
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(getattr(self, n) for n in LORA_NAMES)
+
+
+@dataclass
+class Grads:
+    """Gradients of one backward. LoRA gradients are None when the spec has no LoRA."""
+
+    input: np.ndarray            # bf16 [T, H]
+    routing_weights: np.ndarray  # float32 [T, k]
+    gate_a: np.ndarray | None = None
+    gate_b: np.ndarray | None = None
+    up_a: np.ndarray | None = None
+    up_b: np.ndarray | None = None
+    down_a: np.ndarray | None = None
+    down_b: np.ndarray | None = None
+
+
+def lora_dtype(spec: MoESpec) -> np.dtype:
+    return bfloat16 if spec.lora and spec.lora.dtype == "bfloat16" else np.dtype(np.float32)
+
+
+def check_array(name: str, a, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` itself when it is a C-contiguous ndarray of `dtype` and `shape`, else ValueError."""
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    dtypes = tuple(np.dtype(d) for d in dtypes)
+    want = " or ".join(str(d) for d in dtypes)
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray of dtype {want} and shape {shape}, "
+                         f"got {type(a).__name__}")
+    if a.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype {want}, got {a.dtype} (shape {a.shape})")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape} (dtype {a.dtype})")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides {a.strides} "
+                         f"for shape {a.shape}; pass numpy.ascontiguousarray({name})")
+    return a
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class SavedForward:
+    """What forward_train saved for backward: a slot of the MoE, given back by backward or
+    when this object is dropped."""
+
+    def __init__(self, moe: "MoE", slot: int, tokens: int):
+        self._moe_id = id(moe)
+        self.slot = slot
+        self.tokens = tokens
+        self._finalizer = weakref.finalize(self, moe._release_slot, slot)
+
+    @property
+    def consumed(self) -> bool:
+        return not self._finalizer.alive
+
+
+class MoE:
+    """One MoE layer with frozen base weights and (optionally) LoRA adapters."""
+
+    def __init__(self, spec: MoESpec, gate, up, down, lora: LoRAWeights | None = None):
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
+        if spec.quant.mode != "bf16":
+            raise NotImplementedError(
+                f"spec {spec.name}: quant.mode {spec.quant.mode!r} is not supported yet; "
+                f"this version runs quant.mode 'bf16' only")
+        self.spec = spec
+        E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
+        gate = check_array("gate", gate, bfloat16, (E, I, H))
+        up = check_array("up", up, bfloat16, (E, I, H))
+        down = check_array("down", down, bfloat16, (E, H, I))
+        self.kernel: Kernel = compile_kernel(spec)
+        self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
+        k = self.kernel
+        self._parts = []
+        for p in range(spec.tp_count):
+            out = k.ffi.new(f"{k.rendered.prefix} **")
+            self._call("create", out, p, self.threads)
+            self._parts.append(k.ffi.gc(out[0], k.fn("destroy")))
+        for part in self._parts:
+            self._call("load_weights", part, *(self._ptr(a, "uint16_t *") for a in (gate, up, down)))
+        self._slot_lock = threading.Lock()
+        self._free_slots = list(range(spec.max_cache_depth))
+        self._pool = ThreadPoolExecutor(spec.tp_count) if spec.tp_count > 1 else None
+        self.lora: LoRAWeights | None = None
+        if spec.lora is None:
+            if lora is not None:
+                raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null), but LoRA weights were given")
+        else:
+            self.set_lora(lora if lora is not None else LoRAWeights.zeros(spec))
+
+    # ---- plumbing ----
+    def _ptr(self, a: np.ndarray, ctype: str):
+        return self.kernel.ffi.cast(ctype, a.ctypes.data)
+
+    def _call(self, name: str, *args) -> None:
+        rc = self.kernel.fn(name)(*args)
+        if rc != 0:
+            raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})")
+
+    def _each_partition(self, fn) -> list:
+        """fn(p, part) for every partition, concurrently when there are several."""
+        if self._pool is None:
+            return [fn(0, self._parts[0])]
+        return list(self._pool.map(fn, range(len(self._parts)), self._parts))
+
+    def _lora_ctype(self) -> str:
+        return "uint16_t *" if lora_dtype(self.spec) == bfloat16 else "float *"
+
+    # ---- public API ----
+    def set_lora(self, lora: LoRAWeights) -> None:
+        """Use the caller's LoRA arrays in place (zero-copy): an in-place update is seen by the
+        next forward with no other call."""
+        spec = self.spec
+        if spec.lora is None:
+            raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null)")
+        if not isinstance(lora, LoRAWeights):
+            raise TypeError(f"lora: expected a ktgen.LoRAWeights, got {type(lora).__name__}")
+        dtype = lora_dtype(spec)
+        for name, shape in LoRAWeights.shapes(spec).items():
+            check_array(f"lora.{name}", getattr(lora, name), dtype, shape)
+        ptrs = [self._ptr(a, self._lora_ctype()) for a in lora.arrays()]
+        for part in self._parts:
+            self._call("set_lora", part, *ptrs)
+        self.lora = lora  # keeps the arrays alive while the kernel points at them
+
+    def _check_inputs(self, x, expert_ids, routing_weights):
+        spec = self.spec
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D bf16 array [T, {spec.hidden_size}], got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        T = x.shape[0]
+        if T > spec.max_len:
+            raise ValueError(f"x: T = {T} tokens exceeds the spec's max_len = {spec.max_len}")
+        check_array("x", x, bfloat16, (T, spec.hidden_size))
+        k = spec.num_experts_per_tok
+        check_array("expert_ids", expert_ids, (np.int32, np.int64), (T, k))
+        check_array("routing_weights", routing_weights, np.float32, (T, k))
+        if T:
+            lo, hi = int(expert_ids.min()), int(expert_ids.max())
+            if lo < -1 or hi >= spec.expert_num:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"expert_ids: id {bad} is outside -1 .. {spec.expert_num - 1} "
+                                 f"(expert_num = {spec.expert_num}; -1 skips a slot)")
+        return T, np.ascontiguousarray(expert_ids, dtype=np.int32)
+
+    def _forward(self, x, expert_ids, routing_weights, slot: int) -> np.ndarray:
+        T, ids = self._check_inputs(x, expert_ids, routing_weights)
+        H = self.spec.hidden_size
+        partials = [np.empty((T, H), np.float32) for _ in self._parts]
+        xp, idp = self._ptr(x, "uint16_t *"), self._ptr(ids, "int32_t *")
+        rwp = self._ptr(routing_weights, "float *")
+
+        def run(p, part):
+            self._call("forward", part, T, xp, idp, rwp, self._ptr(partials[p], "float *"), slot)
+
+        self._each_partition(run)
+        return self._to_bf16(self._merge(partials))
+
+    @staticmethod
+    def _merge(partials: list[np.ndarray]) -> np.ndarray:
+        total = partials[0]
+        for extra in partials[1:]:
+            total += extra  # fp32, in partition order: deterministic
+        return total
+
+    def _to_bf16(self, a: np.ndarray) -> np.ndarray:
+        out = np.empty(a.shape, bfloat16)
+        self._call("to_bf16", self._parts[0], a.size, self._ptr(a, "float *"), self._ptr(out, "uint16_t *"))
+        return out
+
+    def forward(self, x, expert_ids, routing_weights) -> np.ndarray:
+        """out bf16 [T, H] (§2); nothing is saved."""
+        return self._forward(x, expert_ids, routing_weights, -1)
+
+    def forward_train(self, x, expert_ids, routing_weights) -> tuple[np.ndarray, SavedForward]:
+        """out, and the saved forward that backward needs (takes one of max_cache_depth slots)."""
+        with self._slot_lock:
+            if not self._free_slots:
+                raise CacheFullError(
+                    f"all max_cache_depth = {self.spec.max_cache_depth} saved-forward slots of "
+                    f"{self.spec.name} are taken: run backward (or drop a saved forward) first, "
+                    f"or raise max_cache_depth")
+            slot = self._free_slots.pop(0)
+        try:
+            out = self._forward(x, expert_ids, routing_weights, slot)
+        except BaseException:
+            self._release_slot(slot)
+            raise
+        return out, SavedForward(self, slot, x.shape[0])
+
+    def _release_slot(self, slot: int) -> None:
+        for part in self._parts:
+            self.kernel.fn("release")(part, slot)
+        with self._slot_lock:
+            if slot not in self._free_slots:
+                self._free_slots.append(slot)
+                self._free_slots.sort()
+
+    def backward(self, saved: SavedForward, grad_out) -> Grads:
+        """Gradients of the input, the routing weights and the LoRA matrices (§2)."""
+        if not isinstance(saved, SavedForward) or saved._moe_id != id(self):
+            raise ValueError("saved: expected the SavedForward returned by this MoE's forward_train")
+        if saved.consumed:
+            raise ValueError("saved: this saved forward was already used by a backward (or released)")
+        spec = self.spec
+        T, H, k = saved.tokens, spec.hidden_size, spec.num_experts_per_tok
+        check_array("grad_out", grad_out, bfloat16, (T, H))
+        tp = len(self._parts)
+        grad_inputs = [np.empty((T, H), np.float32) for _ in range(tp)]
+        grad_routing = [np.empty((T, k), np.float32) for _ in range(tp)]
+        lora_grads: dict[str, np.ndarray] = {}
+        summed: dict[str, list[np.ndarray]] = {}
+        ffi = self.kernel.ffi
+        null = ffi.NULL
+        if spec.lora is not None:
+            dtype = lora_dtype(spec)
+            for name, shape in LoRAWeights.shapes(spec).items():
+                if name in ("gate_a", "up_a", "down_b") and tp > 1:
+                    # Each partition contributes to all of it: float32 partials, merged below.
+                    summed[name] = [np.empty(shape, np.float32) for _ in range(tp)]
+                else:
+                    # Each partition writes its own slice (or tp == 1 writes it all).
+                    lora_grads[name] = np.empty(shape, dtype)
+        gop = self._ptr(grad_out, "uint16_t *")
+
+        def run(p, part):
+            ptrs = []
+            for name in LORA_NAMES:
+                if spec.lora is None:
+                    ptrs.append(null)
+                elif name in summed:
+                    ptrs.append(self._ptr(summed[name][p], "float *"))
+                else:
+                    ptrs.append(self._ptr(lora_grads[name], self._lora_ctype()))
+            self._call("backward", part, saved.slot, gop, self._ptr(grad_inputs[p], "float *"),
+                       self._ptr(grad_routing[p], "float *"), *ptrs)
+
+        try:
+            self._each_partition(run)
+        finally:
+            saved._finalizer()  # the slot is free again, whatever happened
+        for name, parts in summed.items():
+            lora_grads[name] = self._merge(parts).astype(lora_dtype(spec))
+        return Grads(
+            input=self._to_bf16(self._merge(grad_inputs)),
+            routing_weights=self._merge(grad_routing),
+            **lora_grads,
+        )
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """The base weights the kernels compute with, as float32 (gate/up [E,I,H], down [E,H,I])."""
+        which = {"gate": 0, "up": 1, "down": 2}
+        if name not in which:
+            raise ValueError(f"name: expected one of gate, up, down, got {name!r}")
+        E, H, I = self.spec.expert_num, self.spec.hidden_size, self.spec.intermediate_size
+        out = np.empty((E, H, I) if name == "down" else (E, I, H), np.float32)
+        for part in self._parts:
+            self._call("dequantize", part, which[name], self._ptr(out, "float *"))
+        return out
+
+    def memory(self) -> dict[str, int]:
+        """Bytes: base_weights held by the kernels, cache (the reserved saved-forward slots),
+        workspace (the transient peak of one backward at max_len), and their total."""
+        spec = self.spec
+        tp = spec.tp_count
+        fn = self.kernel.fn
+        weights = int(fn("weight_bytes")()) * tp
+        cache = int(fn("slot_bytes")()) * spec.max_cache_depth * tp
+        T, H, I = spec.max_len, spec.hidden_size, spec.intermediate_per_partition
+        n = T * spec.num_experts_per_tok
+        workspace = tp * 4 * (2 * T * H + 4 * n * I + n * H)
+        return {"base_weights": weights, "workspace": workspace, "cache": cache,
+                "total": weights + workspace + cache}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()

@@ -1,0 +1,26 @@
+"""Every environment variable ktgen reads, in one place, read when asked (tests change them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path          # KTGEN_CACHE_DIR, default ~/.cache/ktgen
+    isa: str | None          # KTGEN_ISA: forces a tier over the spec's `auto`
+    cc: str                  # KTGEN_CC: the C compiler
+    emulate_amx: bool        # KTGEN_EMULATE_AMX=1
+
+
+def settings() -> Settings:
+    env = os.environ
+    cache = env.get("KTGEN_CACHE_DIR") or str(Path.home() / ".cache" / "ktgen")
+    return Settings(
+        cache_dir=Path(cache).expanduser(),
+        isa=env.get("KTGEN_ISA") or None,
+        cc=env.get("KTGEN_CC") or env.get("CC") or "cc",
+        emulate_amx=env.get("KTGEN_EMULATE_AMX", "") not in ("", "0"),
+    )
