@@ -91,8 +91,23 @@ def compiler_identity(cc: str) -> str:
     return f"{exe}: {out.stdout.splitlines()[0] if out.stdout else ''}"
 
 
-def build_flags(tier: str) -> tuple[str, ...]:
-    return BASE_FLAGS + isa_mod.compile_flags(tier)
+SANITIZERS = ("address", "undefined")
+
+
+def sanitize_flags(sanitize: tuple[str, ...]) -> tuple[str, ...]:
+    """Compile and link flags of a KTGEN_SANITIZE build. An ASan kernel loads only into a process
+    started with the ASan runtime preloaded (LD_PRELOAD=$(gcc -print-file-name=libasan.so))."""
+    unknown = [s for s in sanitize if s not in SANITIZERS]
+    if unknown:
+        raise CompilerError(f"KTGEN_SANITIZE: unknown sanitizer(s) {', '.join(unknown)}; "
+                            f"supported: {', '.join(SANITIZERS)}")
+    if not sanitize:
+        return ()
+    return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
+
+
+def build_flags(tier: str, sanitize: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return BASE_FLAGS + isa_mod.compile_flags(tier) + sanitize_flags(sanitize)
 
 
 def cache_key(rendered: Rendered, tier: str, flags: tuple[str, ...], cc: str) -> str:
@@ -101,13 +116,17 @@ def cache_key(rendered: Rendered, tier: str, flags: tuple[str, ...], cc: str) ->
         "header": rendered.header,
         "tier": tier,
         "flags": flags,
-        "link": LINK_FLAGS,
+        "link": link_flags(flags),
         "compiler": compiler_identity(cc),
         "ktgen": __version__,
         "cffi": cffi.__version__,
         "python": sysconfig.get_config_var("EXT_SUFFIX") or sys.version,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def link_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
+    return LINK_FLAGS + tuple(f for f in flags if f.startswith("-fsanitize"))
 
 
 def _sha256(path: Path) -> str:
@@ -152,7 +171,7 @@ def _compile_module(rendered: Rendered, module_name: str, flags: tuple[str, ...]
         rendered.source,
         include_dirs=[str(workdir)],
         extra_compile_args=list(flags),
-        extra_link_args=list(LINK_FLAGS),
+        extra_link_args=list(link_flags(flags)),
     )
     old_cc = os.environ.get("CC")
     os.environ["CC"] = cc
@@ -188,7 +207,7 @@ def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - th
     cfg = settings()
     tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa)
     rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier))
-    flags = build_flags(tier)
+    flags = build_flags(tier, cfg.sanitize)
     key = cache_key(rendered, tier, flags, cfg.cc)
     module_name = f"_ktgen_{spec.name}_{key[:20]}"
     entry = cfg.cache_dir / f"{spec.name}-{key[:20]}"

@@ -13,6 +13,7 @@ class Settings:
     isa: str | None          # KTGEN_ISA: forces a tier over the spec's `auto`
     cc: str                  # KTGEN_CC: the C compiler
     emulate_amx: bool        # KTGEN_EMULATE_AMX=1
+    sanitize: tuple[str, ...]  # KTGEN_SANITIZE=address,undefined: build kernels with sanitizers
 
 
 def settings() -> Settings:
@@ -23,4 +24,5 @@ def settings() -> Settings:
         isa=env.get("KTGEN_ISA") or None,
         cc=env.get("KTGEN_CC") or env.get("CC") or "cc",
         emulate_amx=env.get("KTGEN_EMULATE_AMX", "") not in ("", "0"),
+        sanitize=tuple(sorted(s.strip() for s in env.get("KTGEN_SANITIZE", "").split(",") if s.strip())),
     )
