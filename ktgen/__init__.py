@@ -1,14 +1,15 @@
 """ktgen: a kernel compiler for LoRA fine-tuning of Mixture-of-Experts layers on CPUs."""
 
-from . import reference
+from . import quant, reference
 from ._version import __version__
 from .compiler import CacheError, CompilerError, Kernel, compile
 from .isa import ISAError
 from .runtime import CacheFullError, Grads, KernelError, LoRAWeights, MoE, SavedForward
+from .quant import QuantizedWeights
 from .spec import LoRASpec, MoESpec, QuantSpec, SpecError, bundled_spec_names, load_spec
 
 __all__ = [
     "CacheError", "CacheFullError", "CompilerError", "Grads", "ISAError", "Kernel", "KernelError",
-    "LoRASpec", "LoRAWeights", "MoE", "MoESpec", "QuantSpec", "SavedForward", "SpecError",
-    "__version__", "bundled_spec_names", "compile", "load_spec", "reference",
+    "LoRASpec", "LoRAWeights", "MoE", "MoESpec", "QuantSpec", "QuantizedWeights", "SavedForward",
+    "SpecError", "__version__", "bundled_spec_names", "compile", "load_spec", "quant", "reference",
 ]

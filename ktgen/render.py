@@ -25,6 +25,24 @@ BLOCKING = {
 }
 
 
+# Vector width (floats) of each tier's micro-kernels.
+VECTOR_WIDTH = {"generic": 1, "avx2": 8, "avx512": 16}
+
+
+def load_params(mode: str) -> list[tuple[str, str]]:
+    """(C type, name) of the base-weight arguments of load_weights for a quant mode."""
+    if mode == "bf16":
+        return [("const uint16_t *", m) for m in ("gate", "up", "down")]
+    qtype = "const int8_t *" if mode == "int8" else "const uint8_t *"
+    stype = "const float *" if mode == "int8" else "const uint16_t *"
+    params = []
+    for m in ("gate", "up", "down"):
+        params += [(qtype, f"{m}_q"), (stype, f"{m}_s")]
+        if mode == "awq":
+            params.append(("const uint8_t *", f"{m}_z"))
+    return params
+
+
 @dataclass(frozen=True)
 class Rendered:
     prefix: str        # C symbol prefix, ktgen_<spec name>
@@ -86,11 +104,17 @@ def render(spec: MoESpec, tier: str, vnni: bool = False) -> Rendered:
         gradsum_ctype="uint16_t" if gradsum_bf16 else "float",
         max_len=spec.max_len,
         depth=spec.max_cache_depth,
+        mode=spec.quant.mode,
+        group_size=spec.quant.group_size,
+        vw=VECTOR_WIDTH[tier],
+        load_params=[f"{t}{n}" for t, n in load_params(spec.quant.mode)],
+        load_null_check=" || ".join(f"!{n}" for _, n in load_params(spec.quant.mode)),
         **BLOCKING[tier],
     )
     env = _env()
     api = env.get_template("api.h.j2").render(**ctx)
     header = env.get_template("header.h.j2").render(api=api, **ctx)
     tier_source = env.get_template(f"tier_{tier}.h.j2").render(**ctx)
-    source = env.get_template("moe.c.j2").render(tier_source=tier_source, **ctx)
+    weights_source = env.get_template("weights.h.j2").render(**ctx)
+    source = env.get_template("moe.c.j2").render(tier_source=tier_source, weights_source=weights_source, **ctx)
     return Rendered(prefix=prefix, header_name=ctx["header_name"], header=header, source=source, cdef=api)

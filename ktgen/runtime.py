@@ -18,7 +18,9 @@ from dataclasses import dataclass, fields
 import ml_dtypes
 import numpy as np
 
+from . import quant
 from .compiler import Kernel, compile as compile_kernel
+from .render import load_params
 from .spec import MoESpec
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
@@ -131,15 +133,10 @@ class MoE:
     def __init__(self, spec: MoESpec, gate, up, down, lora: LoRAWeights | None = None):
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
-        if spec.quant.mode != "bf16":
-            raise NotImplementedError(
-                f"spec {spec.name}: quant.mode {spec.quant.mode!r} is not supported yet; "
-                f"this version runs quant.mode 'bf16' only")
         self.spec = spec
         E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
-        gate = check_array("gate", gate, bfloat16, (E, I, H))
-        up = check_array("up", up, bfloat16, (E, I, H))
-        down = check_array("down", down, bfloat16, (E, H, I))
+        weights = {name: self._base_weights(name, w, (E, H, I) if name == "down" else (E, I, H))
+                   for name, w in (("gate", gate), ("up", up), ("down", down))}
         self.kernel: Kernel = compile_kernel(spec)
         self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
         k = self.kernel
@@ -148,8 +145,15 @@ class MoE:
             out = k.ffi.new(f"{k.rendered.prefix} **")
             self._call("create", out, p, self.threads)
             self._parts.append(k.ffi.gc(out[0], k.fn("destroy")))
+        args = []
+        for ctype, name in load_params(spec.quant.mode):
+            matrix, _, field = name.partition("_")
+            w = weights[matrix]
+            a = w if not field else {"q": w.q, "s": w.scales, "z": w.zeros}[field]
+            args.append(self._ptr(a, ctype))
         for part in self._parts:
-            self._call("load_weights", part, *(self._ptr(a, "uint16_t *") for a in (gate, up, down)))
+            self._call("load_weights", part, *args)
+        del weights, args  # the kernels hold their own copy; nothing else is kept
         self._slot_lock = threading.Lock()
         self._free_slots = list(range(spec.max_cache_depth))
         self._pool = ThreadPoolExecutor(spec.tp_count) if spec.tp_count > 1 else None
@@ -159,6 +163,22 @@ class MoE:
                 raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null), but LoRA weights were given")
         else:
             self.set_lora(lora if lora is not None else LoRAWeights.zeros(spec))
+
+    def _base_weights(self, name: str, w, shape: tuple[int, int, int]):
+        """The array load_weights reads for one projection: bf16 as given, or quantized (§6)."""
+        q = self.spec.quant
+        if isinstance(w, quant.QuantizedWeights):
+            if w.mode != q.mode:
+                raise ValueError(f"{name}: pre-quantized {w.mode} weights given to a spec with "
+                                 f"quant.mode {q.mode!r}")
+            if w.group_size != q.group_size:
+                raise ValueError(f"{name}: group_size {w.group_size} does not match the spec's "
+                                 f"quant.group_size {q.group_size}")
+            if w.shape != shape:
+                raise ValueError(f"{name}: expected quantized weights of shape {shape}, got {w.shape}")
+            return w
+        w = check_array(name, w, bfloat16, shape)
+        return w if q.mode == "bf16" else quant.quantize(w, q.mode, q.group_size)
 
     # ---- plumbing ----
     def _ptr(self, a: np.ndarray, ctype: str):
