@@ -38,8 +38,11 @@ from .spec import MoESpec
 
 # -Wno-aggressive-loop-optimizations: GCC warns about vector loops over the fixed-size
 # rank-R accumulators that it has already proven never run; the noise hides real warnings.
+# -ffp-contract=off: a * b + c in plain C is rounded twice on every tier, so scalar code gives
+# the same bits whatever the target ISA (the emulated amx tier relies on it); explicit FMA
+# intrinsics stay fused.
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
-              "-Wno-aggressive-loop-optimizations")
+              "-ffp-contract=off", "-Wno-aggressive-loop-optimizations")
 LINK_FLAGS = ("-fopenmp",)
 MANIFEST = "manifest.json"
 
@@ -68,6 +71,7 @@ class Kernel:
     lib: Any = field(repr=False)
     compiled: bool          # True when this call ran the compiler, False on a cache hit
     rendered: Rendered = field(repr=False)
+    emulated: bool = False  # the amx tier's tile instructions run in software
 
     def fn(self, name: str):
         return getattr(self.lib, f"{self.rendered.prefix}_{name}")
@@ -106,8 +110,8 @@ def sanitize_flags(sanitize: tuple[str, ...]) -> tuple[str, ...]:
     return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
 
 
-def build_flags(tier: str, sanitize: tuple[str, ...] = ()) -> tuple[str, ...]:
-    return BASE_FLAGS + isa_mod.compile_flags(tier) + sanitize_flags(sanitize)
+def build_flags(tier: str, sanitize: tuple[str, ...] = (), emulate_amx: bool = False) -> tuple[str, ...]:
+    return BASE_FLAGS + isa_mod.compile_flags(tier, emulate_amx=emulate_amx) + sanitize_flags(sanitize)
 
 
 def cache_key(rendered: Rendered, tier: str, flags: tuple[str, ...], cc: str) -> str:
@@ -205,9 +209,10 @@ def _ensure_cache_dir(cache_dir: Path) -> None:
 def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - the public name (§4)
     """Render, compile (or find in the cache) and load the kernel of `spec`."""
     cfg = settings()
-    tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa)
-    rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier))
-    flags = build_flags(tier, cfg.sanitize)
+    tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa, emulate_amx=cfg.emulate_amx)
+    emulate = cfg.emulate_amx and tier == "amx"
+    rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier), emulate_amx=emulate)
+    flags = build_flags(tier, cfg.sanitize, emulate)
     key = cache_key(rendered, tier, flags, cfg.cc)
     module_name = f"_ktgen_{spec.name}_{key[:20]}"
     entry = cfg.cache_dir / f"{spec.name}-{key[:20]}"
@@ -226,7 +231,7 @@ def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - th
                         compiled = True
             module = _import(module_name, entry / manifest["module_file"])
             _loaded[key] = module
-    return Kernel(spec, tier, reason, key, entry, module.ffi, module.lib, compiled, rendered)
+    return Kernel(spec, tier, reason, key, entry, module.ffi, module.lib, compiled, rendered, emulate)
 
 
 def _build_entry(rendered, spec, tier, flags, cc, key, module_name, entry: Path) -> dict:

@@ -36,11 +36,26 @@ _TIERS = {
     ),
     "amx": Tier(
         "amx",
-        ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512bw", "avx512vl"),
-        (),
-        implemented=False,
+        ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+         "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
     ),
 }
+
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+SYS_ARCH_PRCTL = 158  # x86-64
+
+
+@lru_cache(maxsize=1)
+def amx_permission() -> bool:
+    """Whether the Linux kernel grants this process AMX tile data (asked once, as the kernels do)."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
 @lru_cache(maxsize=1)
@@ -67,8 +82,11 @@ def missing_features(name: str, flags: frozenset[str] | None = None) -> list[str
     return [f for f in tier(name).requires if f not in flags]
 
 
-def compile_flags(name: str, flags: frozenset[str] | None = None) -> tuple[str, ...]:
-    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it."""
+def compile_flags(name: str, flags: frozenset[str] | None = None, emulate_amx: bool = False) -> tuple[str, ...]:
+    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it. The emulated amx
+    tier is portable C: no ISA flags."""
+    if name == "amx" and emulate_amx:
+        return ()
     flags = cpu_flags() if flags is None else flags
     extra = ("-mavx512vnni",) if name == "avx512" and "avx512_vnni" in flags else ()
     return tier(name).flags + extra
@@ -78,9 +96,13 @@ def has_vnni(name: str, flags: frozenset[str] | None = None) -> bool:
     return "-mavx512vnni" in compile_flags(name, flags)
 
 
-def choose(requested: str = "auto", flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The tier to run and why. A forced tier the CPU lacks raises ISAError."""
+def choose(requested: str = "auto", flags: frozenset[str] | None = None,
+           emulate_amx: bool = False) -> tuple[str, str]:
+    """The tier to run and why. A forced tier the CPU lacks raises ISAError; with emulate_amx
+    (KTGEN_EMULATE_AMX=1) the amx tier runs anywhere, through the software tile emulation."""
     flags = cpu_flags() if flags is None else flags
+    if requested == "amx" and emulate_amx:
+        return "amx", "requested explicitly, tile instructions emulated in software (KTGEN_EMULATE_AMX=1)"
     if platform.machine().lower() not in ("x86_64", "amd64") and requested not in ("auto", "generic"):
         raise ISAError(f"ISA tier {requested!r} needs an x86-64 CPU; this is {platform.machine()}")
     if requested != "auto":
@@ -88,11 +110,15 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None) -> tupl
         if not t.implemented:
             raise ISAError(f"ISA tier {requested!r} is not implemented in this version of ktgen")
         missing = missing_features(requested, flags)
+        if requested == "amx" and not missing and not amx_permission():
+            raise ISAError("ISA tier 'amx': the CPU has AMX but the OS refused tile data "
+                           "(arch_prctl ARCH_REQ_XCOMP_PERM); a Linux kernel >= 5.16 is needed")
         if missing:
             raise ISAError(
                 f"ISA tier {requested!r} needs CPU features {', '.join(missing)}, "
                 f"which this CPU does not report; use isa 'auto' or one of: "
                 f"{', '.join(available_tiers(flags))}"
+                + (" (or KTGEN_EMULATE_AMX=1 to emulate the tiles)" if requested == "amx" else "")
             )
         return requested, f"requested explicitly"
     for name in TIERS:
@@ -100,6 +126,8 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None) -> tupl
         if not t.implemented:
             continue
         missing = missing_features(name, flags)
+        if name == "amx" and not missing and not amx_permission():
+            continue
         if not missing:
             return name, f"best implemented tier whose features ({', '.join(t.requires) or 'none'}) the CPU has"
     return "generic", "no vector tier matches this CPU"

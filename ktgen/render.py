@@ -22,11 +22,13 @@ BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_kv=32),
     "avx2": dict(dot_mr=2, dot_nr=4, bc_mr=2, bc_kv=4),
     "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=8, bc_kv=2),
+    # amx: the base GEMMs run on tiles; the rest is the avx512 tier's vector code.
+    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=8, bc_kv=2),
 }
 
 
 # Vector width (floats) of each tier's micro-kernels.
-VECTOR_WIDTH = {"generic": 1, "avx2": 8, "avx512": 16}
+VECTOR_WIDTH = {"generic": 1, "avx2": 8, "avx512": 16, "amx": 16}
 
 
 def load_params(mode: str) -> list[tuple[str, str]]:
@@ -72,7 +74,9 @@ def _c_float(x: float) -> str:
     return repr(float(x))
 
 
-def render(spec: MoESpec, tier: str, vnni: bool = False) -> Rendered:
+def render(spec: MoESpec, tier: str, vnni: bool = False, emulate_amx: bool = False) -> Rendered:
+    """C sources of `spec` for an ISA tier. emulate_amx (amx tier only): the same kernels over a
+    portable implementation of the tile instructions and of the 16-lane vector primitives."""
     if tier not in BLOCKING:
         raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
     prefix = f"ktgen_{spec.name}"
@@ -87,6 +91,7 @@ def render(spec: MoESpec, tier: str, vnni: bool = False) -> Rendered:
         version=__version__,
         tier=tier,
         vnni=vnni,
+        emulate=emulate_amx and tier == "amx",
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,
@@ -114,7 +119,9 @@ def render(spec: MoESpec, tier: str, vnni: bool = False) -> Rendered:
     env = _env()
     api = env.get_template("api.h.j2").render(**ctx)
     header = env.get_template("header.h.j2").render(api=api, **ctx)
-    tier_source = env.get_template(f"tier_{tier}.h.j2").render(**ctx)
+    vector_tier = {"amx": "vec16" if ctx["emulate"] else "avx512"}.get(tier, tier)
+    tier_source = env.get_template(f"tier_{vector_tier}.h.j2").render(**ctx)
+    ctx["amx_source"] = env.get_template("amx.h.j2").render(**ctx) if tier == "amx" else ""
     weights_source = env.get_template("weights.h.j2").render(**ctx)
     source = env.get_template("moe.c.j2").render(tier_source=tier_source, weights_source=weights_source, **ctx)
     return Rendered(prefix=prefix, header_name=ctx["header_name"], header=header, source=source, cdef=api)

@@ -1,0 +1,141 @@
+"""The amx tier: tile kernels for every quant mode, run through the tile emulation here
+(KTGEN_EMULATE_AMX=1) and natively wherever the CPU has AMX."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ktgen
+from ktgen import isa, reference
+from ktgen.reference import rel_l2
+
+from conftest import make_weights
+
+bf16 = ml_dtypes.bfloat16
+NATIVE_AMX = not isa.missing_features("amx") and isa.amx_permission()
+LIMITS = {"bf16": (1e-2, 2e-2), "int8": (3e-2, 4e-2), "awq": (3e-2, 4e-2), "k2": (3e-2, 4e-2)}
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setenv("KTGEN_EMULATE_AMX", "1")
+    monkeypatch.setenv("KTGEN_ISA", "amx")
+
+
+NO_AMX = "this CPU has no AMX (or the OS refuses tile data): benchmarks/amx_device_check.sh runs it natively"
+
+
+@pytest.fixture(params=["emulated", pytest.param("native", marks=pytest.mark.skipif(not NATIVE_AMX, reason=NO_AMX))])
+def amx(request, monkeypatch):
+    """The amx tier through the emulation, and natively where the CPU has AMX."""
+    monkeypatch.setenv("KTGEN_EMULATE_AMX", "1" if request.param == "emulated" else "0")
+    monkeypatch.setenv("KTGEN_ISA", "amx")
+    return request.param
+
+
+def amx_spec(mode, lora, tp, G=32):
+    q = {"mode": mode} if mode in ("bf16", "int8") else {"mode": mode, "group_size": G}
+    return ktgen.MoESpec(name=f"amx_{mode}", expert_num=5, num_experts_per_tok=2, hidden_size=96,
+                         intermediate_size=128, max_len=64, quant=q, tp_count=tp,
+                         lora={"rank": 3} if lora else None)
+
+
+def tail_routing(rng, E=5):
+    """Experts with 1, 15, 17, 16 and 0 entries: M tails on both sides of a 16-row tile."""
+    flat = np.concatenate([np.full(n, e) for e, n in ((0, 1), (1, 15), (2, 17), (3, 16))])
+    rng.shuffle(flat)  # token order differs from expert order
+    ids = np.full(50, -1)
+    ids[:49] = flat
+    return ids.reshape(25, 2)
+
+
+def run_layer(spec, seed=0, std=0.5):
+    rng = np.random.default_rng(seed)
+    gate, up, down = make_weights(spec, rng, std=std)
+    lw = ktgen.LoRAWeights.random(spec, rng, std=0.3) if spec.lora else None
+    moe = ktgen.MoE(spec, gate, up, down, lw)
+    ids = tail_routing(rng)
+    T = ids.shape[0]
+    x = rng.standard_normal((T, spec.hidden_size), np.float32).astype(bf16)
+    rw = rng.random(ids.shape).astype(np.float32)
+    grad_out = (rng.standard_normal((T, spec.hidden_size)) * 0.1).astype(bf16)
+    out, saved = moe.forward_train(x, ids, rw)
+    grads = moe.backward(saved, grad_out)
+    return moe, (x, ids, rw, grad_out, lw), out, grads
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "awq", "k2"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "nolora"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_amx_meets_section7(amx, mode, lora, tp):
+    spec = amx_spec(mode, lora, tp)
+    moe, (x, ids, rw, grad_out, lw), out, grads = run_layer(spec)
+    assert moe.kernel.isa == "amx" and moe.kernel.emulated == (amx == "emulated")
+    dq = [moe.dequantized(n) for n in ("gate", "up", "down")]
+    scale = spec.lora.scale if lora else 1.0
+    out_limit, grad_limit = LIMITS[mode]
+    assert rel_l2(out, reference.forward(x, ids, rw, *dq, lw, scale)) <= out_limit
+    expect = reference.backward(x, ids, rw, *dq, grad_out, lw, scale)
+    for name, e in expect.items():
+        assert rel_l2(getattr(grads, name), e) <= grad_limit, name
+
+
+def test_amx_is_deterministic_across_threads(amx):
+    results = []
+    for threads in (1, 2, 2):
+        spec = amx_spec("awq", True, 1).replace(threads=threads)
+        _, _, out, grads = run_layer(spec, seed=3)
+        results.append((out.view(np.uint16), grads.input.view(np.uint16), grads.gate_a, grads.down_b))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_emulated_and_plain_builds_have_different_cache_keys(emulated, monkeypatch):
+    spec = amx_spec("bf16", True, 1)
+    emulated_key = ktgen.compile(spec).cache_key
+    monkeypatch.setenv("KTGEN_EMULATE_AMX", "0")
+    if NATIVE_AMX:
+        assert ktgen.compile(spec).cache_key != emulated_key
+    else:
+        with pytest.raises(ktgen.ISAError, match="amx.*KTGEN_EMULATE_AMX"):
+            ktgen.compile(spec)
+
+
+def test_rendered_amx_source_uses_the_tile_instructions():
+    spec = amx_spec("bf16", True, 1)
+    native = ktgen.render.render(spec, "amx")
+    emulated = ktgen.render.render(spec, "amx", emulate_amx=True)
+    assert "_tile_dpbf16ps" in native.source and "ARCH_REQ_XCOMP_PERM" in native.source
+    assert "_tile_dpbf16ps" not in emulated.source and "tile_dpbf16ps(" in emulated.source
+    # the same kernels: only the tile and vector primitives differ
+    assert native.source.count("amx_expert(") == emulated.source.count("amx_expert(") >= 6
+
+
+@pytest.mark.skipif(not NATIVE_AMX, reason=NO_AMX)
+@pytest.mark.parametrize("mode", ["bf16", "int8", "awq", "k2"])
+def test_native_amx_agrees_with_the_emulation_to_the_bit(mode):
+    """Both runs in fresh processes, so each compiles and loads its own build."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_amx import amx_spec, run_layer
+        _, _, out, grads = run_layer(amx_spec({mode!r}, True, 2), seed=5)
+        np.savez(sys.argv[1], out=out.view(np.uint16), dx=grads.input.view(np.uint16),
+                 dw=grads.routing_weights, ga=grads.gate_a, db=grads.down_b)
+    """)
+    files = {}
+    for emulate in ("0", "1"):
+        path = os.path.join(os.environ["KTGEN_CACHE_DIR"], f"amx_{mode}_{emulate}.npz")
+        env = dict(os.environ, KTGEN_ISA="amx", KTGEN_EMULATE_AMX=emulate)
+        subprocess.run([sys.executable, "-c", script, path], env=env, check=True)
+        files[emulate] = np.load(path)
+    for key in files["0"].files:
+        np.testing.assert_array_equal(files["0"][key], files["1"][key], err_msg=key)
