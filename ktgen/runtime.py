@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import ml_dtypes
 import numpy as np
 
-from . import quant
+from . import numa, quant
 from .compiler import Kernel, compile as compile_kernel
 from .render import load_params
 from .spec import MoESpec
@@ -112,6 +112,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _pin(cpus: list[int] | None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # this thread only; the OpenMP team it starts inherits it
+
+
 class SavedForward:
     """What forward_train saved for backward: a slot of the MoE, given back by backward or
     when this object is dropped."""
@@ -139,6 +144,10 @@ class MoE:
                    for name, w in (("gate", gate), ("up", up), ("down", down))}
         self.kernel: Kernel = compile_kernel(spec)
         self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
+        # One thread per partition when there are several, pinned to its NUMA node when the
+        # machine has more than one: every call of partition p runs there (see ktgen.numa).
+        self._runners = [ThreadPoolExecutor(1, initializer=_pin, initargs=(numa.partition_cpus(p),))
+                         for p in range(spec.tp_count)] if spec.tp_count > 1 else None
         k = self.kernel
         self._parts = []
         for p in range(spec.tp_count):
@@ -151,12 +160,10 @@ class MoE:
             w = weights[matrix]
             a = w if not field else {"q": w.q, "s": w.scales, "z": w.zeros}[field]
             args.append(self._ptr(a, ctype))
-        for part in self._parts:
-            self._call("load_weights", part, *args)
+        self._each_partition(lambda p, part: self._call("load_weights", part, *args))
         del weights, args  # the kernels hold their own copy; nothing else is kept
         self._slot_lock = threading.Lock()
         self._free_slots = list(range(spec.max_cache_depth))
-        self._pool = ThreadPoolExecutor(spec.tp_count) if spec.tp_count > 1 else None
         self.lora: LoRAWeights | None = None
         if spec.lora is None:
             if lora is not None:
@@ -190,10 +197,11 @@ class MoE:
             raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})")
 
     def _each_partition(self, fn) -> list:
-        """fn(p, part) for every partition, concurrently when there are several."""
-        if self._pool is None:
+        """fn(p, part) for every partition, each on its own thread when there are several."""
+        if self._runners is None:
             return [fn(0, self._parts[0])]
-        return list(self._pool.map(fn, range(len(self._parts)), self._parts))
+        futures = [r.submit(fn, p, part) for p, (r, part) in enumerate(zip(self._runners, self._parts))]
+        return [f.result() for f in futures]
 
     def _lora_ctype(self) -> str:
         return "uint16_t *" if lora_dtype(self.spec) == bfloat16 else "float *"
@@ -365,5 +373,5 @@ class MoE:
                 "total": weights + workspace + cache}
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        for runner in self._runners or ():
+            runner.shutdown()
