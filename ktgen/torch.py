@@ -1,0 +1,553 @@
+"""PyTorch integration: an autograd-aware MoE module, PEFT-compatible adapters, and
+Hugging Face expert import. Needs ``pip install ktgen[torch]`` (``ktgen[hf]`` adds
+transformers for `from_hf_experts`); ``import ktgen`` never imports torch.
+
+``KTMoE(spec, gate, up, down)`` is an ``nn.Module`` whose six LoRA matrices are ordinary
+``nn.Parameter``\\ s (dtype ``spec.lora.dtype``; shapes of ``ktgen.LoRAWeights``) and whose
+frozen base weights live inside the kernels, quantized per ``spec.quant`` (they are not
+parameters, buffers or part of ``state_dict``: ``dequantized(name)`` reads them back).
+
+    layer = KTMoE(spec, gate, up, down)              # gate/up [E,I,H], down [E,H,I]: tensors or arrays
+    out = layer(hidden_states, topk_ids, topk_weights)
+    loss(out).backward()                             # .grad of hidden_states, topk_weights, LoRA params
+    optimizer.step()                                 # in place: the kernels read the parameters' storage
+
+Inputs (any leading dims, flattened to T tokens): ``hidden_states`` [..., H] bf16 (float32 or
+another float dtype is cast to bf16 first: autograd casts its gradient back); ``topk_ids``
+[..., k] int64 or int32 (other integer dtypes are cast to int64); ``topk_weights`` [..., k]
+float32 (bf16 and other float dtypes are cast to float32, gradient cast back); -1 in
+``topk_ids`` skips a slot. Output: bf16 [..., H]. Everything is on the CPU.
+
+Autograd
+--------
+When autograd needs the result (grad mode on and hidden_states, topk_weights or a LoRA
+parameter requires grad), the forward runs through a ``torch.autograd.Function`` that calls
+``MoE.forward_train`` and keeps the saved forward (one of ``spec.max_cache_depth`` slots) for
+its backward, which calls ``MoE.backward``. Otherwise (``torch.no_grad()``,
+``torch.inference_mode()``, nothing requiring grad) it calls ``MoE.forward``: no slot is taken.
+``eval()`` alone does not turn autograd off, as for any PyTorch module; an eval loop runs under
+``torch.no_grad()``. A slot is given back by the backward, or as soon as the graph holding it is
+dropped (an output never backpropagated).
+
+Zero-copy: the kernels read the parameters' storage directly (a NumPy view, set once with
+``MoE.set_lora``), so an optimizer's in-place step is seen by the next forward with no copy.
+If a parameter's storage is replaced (``p.data = ...``, ``load_state_dict(..., assign=True)``)
+the next forward notices the new address and re-points the kernels. The gradients the kernels
+write are handed to autograd without a copy and land in ``.grad`` the way PyTorch
+accumulates them (the first one becomes ``.grad``, later ones are added to it). A parameter
+changed in place between a forward and its backward raises, as PyTorch does for its own ops.
+
+Activation checkpointing: with ``torch.utils.checkpoint(..., use_reentrant=False)`` the saved
+forward is tied to a tiny saved tensor, so the checkpointed forward gives its slot back at once
+and the recomputation in backward takes it again; the reentrant variant runs the first pass
+without grad (no slot). A graph can be backpropagated once (``retain_graph=True`` and a second
+backward raise: the saved forward is consumed).
+
+Adapters
+--------
+``save_adapter(model, dir)`` writes every KTMoE of ``model`` as a PEFT LoRA adapter for expert
+parameters (``adapter_model.safetensors`` and ``adapter_config.json`` with
+``target_parameters``), keyed by the KTMoE's path in ``model`` (so a KTMoE that replaces
+``model.layers.0.mlp.experts`` of a transformers model is saved under that path, as PEFT would
+save an adapter of that model); ``load_adapter(model, dir)`` reads such a file back (also one
+PEFT trained). The layout and the exact conversion are documented in ``ktgen.adapters``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import adapters
+from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
+from .spec import MoESpec, load_spec
+
+__all__ = ["KTMoE", "from_hf_experts", "load_adapter", "save_adapter"]
+
+_LORA_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---- zero-copy conversions between CPU tensors and NumPy arrays ----
+
+def _np_view(t: torch.Tensor) -> np.ndarray:
+    """NumPy view of a contiguous CPU tensor's storage (bf16 as ml_dtypes.bfloat16)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_np_bf16)
+    return t.numpy()
+
+
+def _from_np(a: np.ndarray) -> torch.Tensor:
+    """Tensor sharing `a`'s memory (ml_dtypes.bfloat16 becomes torch.bfloat16)."""
+    if a.dtype == _np_bf16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _base_weight(name: str, w):
+    """A base weight as ktgen.MoE takes it: bf16 C-contiguous NumPy (tensors of any float
+    dtype and float arrays are rounded to bf16); other objects (§6 pre-quantized) as given."""
+    if isinstance(w, torch.Tensor):
+        if w.device.type != "cpu":
+            w = w.cpu()
+        w = w.detach()
+        if not w.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {w.dtype}")
+        return _np_view(w.to(torch.bfloat16).contiguous())
+    if isinstance(w, np.ndarray) and w.dtype != _np_bf16:
+        return np.ascontiguousarray(w.astype(np.float32).astype(_np_bf16))
+    if isinstance(w, np.ndarray):
+        return np.ascontiguousarray(w)
+    return w
+
+
+# ---- saved forwards, tied to a tiny tensor so that checkpointing can drop and recompute them ----
+
+class _Entry:
+    __slots__ = ("saved", "versions", "ptrs")
+
+    def __init__(self, saved: SavedForward, versions: tuple, ptrs: tuple):
+        self.saved, self.versions, self.ptrs = saved, versions, ptrs
+
+
+_LIVE: dict[int, _Entry] = {}
+_LIVE_LOCK = threading.Lock()
+_IDS = itertools.count(1)
+
+
+def _drop_entry(uid: int) -> None:
+    with _LIVE_LOCK:
+        _LIVE.pop(uid, None)  # the SavedForward goes with it: its slot is given back
+
+
+def _handle_for(entry: _Entry) -> torch.Tensor:
+    """A 1-element int64 tensor naming `entry`. Its storage is a NumPy array whose death (when
+    the last tensor sharing it, detached aliases included, is gone) drops the entry."""
+    import weakref
+
+    uid = next(_IDS)
+    box = np.array([uid], np.int64)
+    with _LIVE_LOCK:
+        _LIVE[uid] = entry
+    weakref.finalize(box, _drop_entry, uid)
+    return torch.from_numpy(box)
+
+
+class _KTMoEFunction(torch.autograd.Function):
+    """out = MoE(x, ids, w) with the LoRA parameters as inputs; backward = MoE.backward."""
+
+    @staticmethod
+    def forward(ctx, layer: "KTMoE", x, ids, w, *params):
+        out, saved = layer.moe.forward_train(_np_view(x), _np_view(ids), _np_view(w))
+        entry = _Entry(saved, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        ctx.save_for_backward(_handle_for(entry))
+        ctx.layer = layer
+        return _from_np(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (handle,) = ctx.saved_tensors
+        uid = int(handle[0])
+        with _LIVE_LOCK:
+            entry = _LIVE.pop(uid, None)
+        if entry is None or entry.saved.consumed:
+            raise RuntimeError(
+                "ktgen.torch.KTMoE: this forward's saved state was already used by a backward; "
+                "a KTMoE graph can be backpropagated once (retain_graph=True does not keep it)")
+        layer: KTMoE = ctx.layer
+        params = layer._lora_params()
+        for name, p, v, ptr in zip(LORA_NAMES, params, entry.versions, entry.ptrs):
+            if p.data_ptr() == ptr and p._version != v:
+                raise RuntimeError(
+                    f"ktgen.torch.KTMoE: LoRA parameter {name} was modified in place between the "
+                    f"forward and its backward (version {v} -> {p._version}); run backward before "
+                    f"optimizer.step()")
+        g = grad_out
+        if g.dtype != torch.bfloat16:
+            g = g.to(torch.bfloat16)
+        grads = layer.moe.backward(entry.saved, _np_view(g.contiguous()))
+        need = ctx.needs_input_grad
+        result: list[Any] = [None,
+                             _from_np(grads.input) if need[1] else None,
+                             None,
+                             torch.from_numpy(grads.routing_weights) if need[3] else None]
+        for i, name in enumerate(LORA_NAMES[:len(params)]):
+            result.append(_from_np(getattr(grads, name)) if need[4 + i] else None)
+        return tuple(result)
+
+
+# ---- the module ----
+
+class KTMoE(nn.Module):
+    """One MoE expert layer on ktgen's kernels, with trainable LoRA parameters.
+
+    spec: a ktgen.MoESpec, a bundled spec name or a YAML path. gate, up [E, I, H] and down
+    [E, H, I]: torch tensors or NumPy arrays of any float dtype (rounded to bf16, then
+    quantized per spec.quant), or §6 pre-quantized objects. lora: optional initial values (a
+    ktgen.LoRAWeights or a mapping of the six names to tensors/arrays), else PEFT's
+    initialisation (A Kaiming-uniform as nn.Linear, B zero: the layer starts as the base).
+    """
+
+    def __init__(self, spec, gate, up, down, lora=None, *, generator: torch.Generator | None = None):
+        super().__init__()
+        if isinstance(spec, (str, os.PathLike)):
+            spec = load_spec(spec)
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"spec: expected a ktgen.MoESpec, a bundled spec name or a path, "
+                            f"got {type(spec).__name__}")
+        self.spec = spec
+        self._lora_key: tuple | None = None
+        if spec.lora is not None:
+            dtype = _LORA_TORCH_DTYPES[spec.lora.dtype]
+            for name, shape in LoRAWeights.shapes(spec).items():
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype)))
+            self.reset_parameters(generator)
+            if lora is not None:
+                self.load_lora(lora)
+        elif lora is not None:
+            raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null), but LoRA weights were given")
+        weights = [_base_weight(n, w) for n, w in (("gate", gate), ("up", up), ("down", down))]
+        self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)
+        self._lora_key = self._current_lora_key()
+
+    # ---- parameters ----
+    def _lora_params(self) -> tuple[torch.Tensor, ...]:
+        if self.spec.lora is None:
+            return ()
+        return tuple(getattr(self, n) for n in LORA_NAMES)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's LoRA initialisation: each expert's A as PEFT's lora_A nn.Linear
+        (kaiming_uniform_(a=sqrt(5)) over fan_in = the input dim, i.e. U(-1/sqrt(K), 1/sqrt(K))),
+        B zero."""
+        if self.spec.lora is None:
+            return
+        for name in ("gate_a", "up_a", "down_a"):
+            p = getattr(self, name)
+            E, r, K = p.shape
+            nn.init.kaiming_uniform_(p.view(E * r, K), a=math.sqrt(5), generator=generator)
+        for name in ("gate_b", "up_b", "down_b"):
+            getattr(self, name).zero_()
+
+    @torch.no_grad()
+    def load_lora(self, lora) -> None:
+        """Copy LoRA values (a ktgen.LoRAWeights or a mapping name -> tensor/array) into the
+        parameters, in place."""
+        if self.spec.lora is None:
+            raise ValueError(f"lora: spec {self.spec.name} has no LoRA (lora: null)")
+        for name in LORA_NAMES:
+            src = getattr(lora, name) if isinstance(lora, LoRAWeights) else lora[name]
+            if isinstance(src, np.ndarray):
+                src = _from_np(np.ascontiguousarray(src))
+            p = getattr(self, name)
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"lora.{name}: expected shape {tuple(p.shape)}, got {tuple(src.shape)}")
+            p.copy_(src)
+
+    def _current_lora_key(self) -> tuple:
+        return tuple((p.data_ptr(), p.dtype, tuple(p.shape), p.stride(), p.device.type)
+                     for p in self._lora_params())
+
+    def _lora_views(self) -> LoRAWeights:
+        spec = self.spec
+        want = _LORA_TORCH_DTYPES[spec.lora.dtype]
+        for name, shape in LoRAWeights.shapes(spec).items():
+            p = getattr(self, name)
+            if p.device.type != "cpu":
+                raise ValueError(f"{name}: KTMoE runs on the CPU; the parameter is on {p.device}")
+            if p.dtype != want:
+                raise ValueError(f"{name}: expected dtype {want} (spec lora.dtype = "
+                                 f"{spec.lora.dtype}), got {p.dtype}; KTMoE's LoRA dtype is fixed "
+                                 f"by its spec")
+            if tuple(p.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {tuple(p.shape)}")
+            if not p.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous parameter, got strides {p.stride()}")
+        return LoRAWeights(**{n: _np_view(getattr(self, n)) for n in LORA_NAMES})
+
+    def _sync_lora(self) -> None:
+        """Re-point the kernels if a parameter's storage was replaced since the last forward."""
+        if self.spec.lora is None:
+            return
+        key = self._current_lora_key()
+        if key != self._lora_key:
+            self.moe.set_lora(self._lora_views())
+            self._lora_key = key
+
+    # ---- forward ----
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        """out [..., H] bf16 = sum_j topk_weights[..., j] * expert_{topk_ids[..., j]}(hidden_states)."""
+        spec = self.spec
+        H, k = spec.hidden_size, spec.num_experts_per_tok
+        for name, t in (("hidden_states", hidden_states), ("topk_ids", topk_ids),
+                        ("topk_weights", topk_weights)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.device.type != "cpu":
+                raise ValueError(f"{name}: KTMoE runs on the CPU; got a tensor on {t.device}")
+        if hidden_states.ndim < 1 or hidden_states.shape[-1] != H:
+            raise ValueError(f"hidden_states: expected shape [..., {H}], got {tuple(hidden_states.shape)}")
+        lead = tuple(hidden_states.shape[:-1])
+        for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if tuple(t.shape) != lead + (k,):
+                raise ValueError(f"{name}: expected shape {lead + (k,)} (hidden_states' leading dims, "
+                                 f"num_experts_per_tok = {k}), got {tuple(t.shape)}")
+        if not hidden_states.is_floating_point():
+            raise ValueError(f"hidden_states: expected a floating-point tensor, got {hidden_states.dtype}")
+        if not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights: expected a floating-point tensor, got {topk_weights.dtype}")
+        if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+            raise ValueError(f"topk_ids: expected an integer tensor, got {topk_ids.dtype}")
+        x = hidden_states.reshape(-1, H).to(torch.bfloat16).contiguous()
+        ids = topk_ids.reshape(-1, k)
+        if ids.dtype not in (torch.int32, torch.int64):
+            ids = ids.to(torch.int64)
+        ids = ids.detach().contiguous()
+        w = topk_weights.reshape(-1, k).to(torch.float32).contiguous()
+
+        self._sync_lora()
+        params = self._lora_params()
+        need_grad = torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or any(p.requires_grad for p in params))
+        if need_grad:
+            out = _KTMoEFunction.apply(self, x, ids, w, *params)
+        else:
+            out = _from_np(self.moe.forward(_np_view(x), _np_view(ids), _np_view(w)))
+        return out.reshape(*lead, H)
+
+    # ---- the rest ----
+    @torch.no_grad()
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The base weights the kernels compute with, float32 (gate/up [E,I,H], down [E,H,I])."""
+        return torch.from_numpy(self.moe.dequantized(name))
+
+    def lora_scale(self) -> float:
+        """s of contract §2 (alpha / rank, or alpha / sqrt(rank) with rsLoRA); 0 without LoRA."""
+        return self.spec.lora.scale if self.spec.lora is not None else 0.0
+
+    def peft_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """This layer's LoRA matrices in PEFT's layout, keyed as PEFT saves an adapter for the
+        experts module at `prefix` (see ktgen.adapters). New tensors, lora.dtype."""
+        if self.spec.lora is None:
+            raise ValueError(f"spec {self.spec.name} has no LoRA (lora: null): nothing to save")
+        with torch.no_grad():
+            arrays = adapters.to_peft({n: _np_view(getattr(self, n)) for n in LORA_NAMES})
+        keys = adapters.peft_keys(prefix)
+        return {keys[k]: _from_np(a) for k, a in arrays.items()}
+
+    @torch.no_grad()
+    def load_peft_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
+                             config: Mapping | None = None) -> None:
+        """Load this layer's LoRA from a PEFT state dict (keys as `peft_state_dict` writes them,
+        or as PEFT itself trains them with a shared A), in place. With `config` (the
+        adapter_config dict), its ranks and alphas must give this spec's scale."""
+        spec = self.spec
+        if spec.lora is None:
+            raise ValueError(f"spec {spec.name} has no LoRA (lora: null): nothing to load")
+        keys = adapters.peft_keys(prefix)
+        missing = [v for v in keys.values() if v not in state_dict]
+        if missing:
+            raise KeyError(f"adapter has no {', '.join(missing)} (expected for experts at {prefix!r})")
+        arrays = {}
+        for k, key in keys.items():
+            t = state_dict[key].detach().cpu().contiguous()
+            arrays[k] = _np_view(t)
+        E, r = spec.expert_num, spec.lora.rank
+        if config is not None:
+            for param, a_key in ((adapters.GATE_UP, f"{adapters.GATE_UP}.lora_A"),
+                                 (adapters.DOWN, f"{adapters.DOWN}.lora_A")):
+                rank = arrays[a_key].shape[0] // E
+                got = adapters.module_scale(config, f"{prefix}.{param}", rank)
+                if not math.isclose(got, spec.lora.scale, rel_tol=1e-6):
+                    raise ValueError(
+                        f"{prefix}.{param}: the adapter's scaling is {got:g} (rank {rank}), this "
+                        f"KTMoE's spec has lora scale {spec.lora.scale:g} (rank {r}, alpha "
+                        f"{spec.lora.alpha:g}, use_rslora {spec.lora.use_rslora})")
+        self.load_lora(adapters.from_peft(arrays, E, r))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        lora = "none" if s.lora is None else f"rank={s.lora.rank}, alpha={s.lora.alpha:g}, dtype={s.lora.dtype}"
+        return (f"spec={s.name!r}, experts={s.expert_num}, top_k={s.num_experts_per_tok}, "
+                f"hidden={s.hidden_size}, intermediate={s.intermediate_size}, "
+                f"quant={s.quant.mode}, lora=({lora}), tp={s.tp_count}")
+
+    def close(self) -> None:
+        self.moe.close()
+
+
+# ---- adapters on disk ----
+
+def _ktmoe_layers(model: nn.Module, prefix: str) -> list[tuple[str, KTMoE]]:
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, KTMoE):
+            path = ".".join(p for p in (prefix, name) if p)
+            if not path:
+                raise ValueError("prefix: a bare KTMoE needs the experts module's path in the base "
+                                 "model, e.g. prefix='model.layers.0.mlp.experts'")
+            layers.append((path, module))
+    if not layers:
+        raise ValueError(f"model: no ktgen.torch.KTMoE inside {type(model).__name__}")
+    return layers
+
+
+def save_adapter(model: nn.Module, save_directory, *, prefix: str = "",
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the LoRA of every KTMoE in `model` as a PEFT adapter: `adapter_model.safetensors`
+    and `adapter_config.json` in `save_directory` (created). Each layer is keyed by its path
+    in `model` (prefixed by `prefix`), the path of the experts module it stands for."""
+    from safetensors.torch import save_file
+
+    layers = _ktmoe_layers(model, prefix)
+    specs = {(m.spec.lora.rank, m.spec.lora.alpha, m.spec.lora.use_rslora) if m.spec.lora else None
+             for _, m in layers}
+    if None in specs:
+        raise ValueError("model: a KTMoE without LoRA (lora: null) has no adapter to save")
+    if len(specs) != 1:
+        raise ValueError(f"model: the KTMoE layers differ in LoRA rank/alpha/rsLoRA ({sorted(specs)}); "
+                         f"one adapter_config.json describes them all")
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in layers:
+        tensors.update(layer.peft_state_dict(path))
+    save_file(tensors, str(out / adapters.WEIGHTS_NAME), metadata={"format": "pt"})
+    config = adapters.peft_config(layers[0][1].spec.lora, [p for p, _ in layers], base_model_name_or_path)
+    (out / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_adapter(model: nn.Module, directory, *, prefix: str = "") -> dict[str, list[str]]:
+    """Load a PEFT adapter (as `save_adapter` or PEFT writes it for expert target_parameters)
+    into every KTMoE of `model`, in place. Returns {"loaded": layer paths, "unexpected": keys
+    of the file that no KTMoE took (e.g. attention adapters)}."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / adapters.CONFIG_NAME).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+    state = load_file(str(directory / adapters.WEIGHTS_NAME))
+    used: set[str] = set()
+    loaded = []
+    for path, layer in _ktmoe_layers(model, prefix):
+        layer.load_peft_state_dict(state, path, config)
+        used.update(adapters.peft_keys(path).values())
+        loaded.append(path)
+    return {"loaded": loaded, "unexpected": sorted(set(state) - used)}
+
+
+# ---- Hugging Face experts ----
+
+def _top_k_of(module) -> int | None:
+    for obj in (module, getattr(module, "gate", None), getattr(module, "router", None),
+                getattr(module, "config", None)):
+        if obj is None:
+            continue
+        for attr in ("top_k", "num_experts_per_tok"):
+            v = getattr(obj, attr, None)
+            if isinstance(v, int):
+                return v
+    return None
+
+
+def _check_silu(module) -> None:
+    act = getattr(module, "act_fn", None)
+    if act is None:
+        return
+    name = type(act).__name__.lower()
+    if "silu" not in name and "swish" not in name:
+        raise ValueError(f"module: the experts use activation {type(act).__name__}; ktgen computes "
+                         f"silu(gate) * up (§2)")
+
+
+def _hf_weights(module: nn.Module):
+    """(gate [E,I,H], up [E,I,H], down [E,H,I], the experts module) of an HF MoE block or
+    experts module: transformers ≥ 5 fused experts (gate_up_proj/down_proj 3-D parameters) or
+    the older ModuleList of per-expert MLPs (gate_proj/up_proj/down_proj, or Mixtral's w1/w3/w2)."""
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == 3:
+        if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:
+            raise ValueError("module: the experts have biases; ktgen's experts have none")
+        if getattr(module, "has_gate", True) is False:
+            raise ValueError("module: the experts have no gate projection; ktgen computes silu(gate) * up")
+        _check_silu(module)
+        gu, dn = gate_up.detach(), down.detach()
+        if getattr(module, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
+            gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+        I2 = gu.shape[1]
+        if getattr(module, "is_concatenated", True):
+            g, u = gu[:, : I2 // 2], gu[:, I2 // 2:]
+        else:  # interleaved rows gate0, up0, gate1, up1, ...
+            g, u = gu[:, 0::2], gu[:, 1::2]
+        return g, u, dn, module
+    experts = getattr(module, "experts", None)
+    if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
+        return _hf_weights(experts)
+    if isinstance(module, nn.ModuleList):
+        experts = module
+    if isinstance(experts, nn.ModuleList):
+        names = None
+        for cand in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+            if all(hasattr(experts[0], n) for n in cand):
+                names = cand
+        if names is None or any(e is None for e in experts):
+            raise ValueError("module: expected experts with gate_proj/up_proj/down_proj or w1/w3/w2")
+        _check_silu(experts[0])
+        for e in experts:
+            for n in names:
+                if getattr(getattr(e, n), "bias", None) is not None:
+                    raise ValueError("module: the experts have biases; ktgen's experts have none")
+        stacks = [torch.stack([getattr(e, n).weight.detach() for e in experts]) for n in names]
+        return stacks[0], stacks[1], stacks[2], experts
+    raise ValueError(f"module: {type(module).__name__} is neither a Hugging Face MoE block nor its experts "
+                     f"(gate_up_proj/down_proj parameters, or a ModuleList of expert MLPs)")
+
+
+def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str = "hf_experts",
+                    **spec_fields) -> KTMoE:
+    """A KTMoE with the base weights of a Hugging Face MoE block's experts (Qwen3-MoE, Mixtral,
+    DeepSeek-V2/V3, Qwen2-MoE layouts; `module` is the block or its experts module).
+
+    Without `spec`, the spec is derived from the weights' shapes (expert_num, hidden_size,
+    intermediate_size) and the block's top_k (or `num_experts_per_tok=`); `spec_fields` set
+    the other MoESpec fields (lora, max_len, quant, tp_count, ...). A given spec must match the
+    weights. The returned module takes the experts' forward arguments (hidden_states [T, H],
+    top_k_index, top_k_weights), so it can replace `block.experts` of a transformers ≥ 5 block.
+    """
+    gate, up, down, experts = _hf_weights(module)
+    E, I, H = gate.shape
+    if tuple(up.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
+        raise ValueError(f"module: inconsistent expert shapes gate {tuple(gate.shape)}, "
+                         f"up {tuple(up.shape)}, down {tuple(down.shape)}")
+    if spec is None:
+        fields = dict(spec_fields)
+        if "num_experts_per_tok" not in fields:
+            k = _top_k_of(module) or _top_k_of(experts)
+            if k is None:
+                raise ValueError("module: cannot tell top_k from it; pass num_experts_per_tok=")
+            fields["num_experts_per_tok"] = k
+        spec = MoESpec(name=name, expert_num=E, hidden_size=H, intermediate_size=I, **fields)
+    else:
+        if spec_fields:
+            raise ValueError(f"pass either spec or spec fields, not both ({', '.join(spec_fields)})")
+        got = (spec.expert_num, spec.hidden_size, spec.intermediate_size)
+        if got != (E, H, I):
+            raise ValueError(f"spec: (expert_num, hidden_size, intermediate_size) = {got}, but the "
+                             f"module's experts are {(E, H, I)}")
+    return KTMoE(spec, gate, up, down)
