@@ -71,7 +71,7 @@ class Kernel:
     lib: Any = field(repr=False)
     compiled: bool          # True when this call ran the compiler, False on a cache hit
     rendered: Rendered = field(repr=False)
-    emulated: bool = False  # the amx tier's tile instructions run in software
+    emulated: bool = False  # the tier's vector (and tile) instructions run in software
 
     def fn(self, name: str):
         return getattr(self.lib, f"{self.rendered.prefix}_{name}")
@@ -110,8 +110,8 @@ def sanitize_flags(sanitize: tuple[str, ...]) -> tuple[str, ...]:
     return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
 
 
-def build_flags(tier: str, sanitize: tuple[str, ...] = (), emulate_amx: bool = False) -> tuple[str, ...]:
-    return BASE_FLAGS + isa_mod.compile_flags(tier, emulate_amx=emulate_amx) + sanitize_flags(sanitize)
+def build_flags(tier: str, sanitize: tuple[str, ...] = (), emulate: bool = False) -> tuple[str, ...]:
+    return BASE_FLAGS + isa_mod.compile_flags(tier, emulate=emulate) + sanitize_flags(sanitize)
 
 
 def cache_key(rendered: Rendered, tier: str, flags: tuple[str, ...], cc: str) -> str:
@@ -209,9 +209,9 @@ def _ensure_cache_dir(cache_dir: Path) -> None:
 def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - the public name (§4)
     """Render, compile (or find in the cache) and load the kernel of `spec`."""
     cfg = settings()
-    tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa, emulate_amx=cfg.emulate_amx)
-    emulate = cfg.emulate_amx and tier == "amx"
-    rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier), emulate_amx=emulate)
+    tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa, emulated=cfg.emulate)
+    emulate = tier in cfg.emulate
+    rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier), emulate=emulate)
     flags = build_flags(tier, cfg.sanitize, emulate)
     key = cache_key(rendered, tier, flags, cfg.cc)
     module_name = f"_ktgen_{spec.name}_{key[:20]}"

@@ -82,10 +82,13 @@ def missing_features(name: str, flags: frozenset[str] | None = None) -> list[str
     return [f for f in tier(name).requires if f not in flags]
 
 
-def compile_flags(name: str, flags: frozenset[str] | None = None, emulate_amx: bool = False) -> tuple[str, ...]:
-    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it. The emulated amx
-    tier is portable C: no ISA flags."""
-    if name == "amx" and emulate_amx:
+EMULATION_VARS = {"amx": "KTGEN_EMULATE_AMX", "avx512": "KTGEN_EMULATE_AVX512"}
+
+
+def compile_flags(name: str, flags: frozenset[str] | None = None, emulate: bool = False) -> tuple[str, ...]:
+    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it. An emulated tier
+    is portable C: no ISA flags."""
+    if emulate:
         return ()
     flags = cpu_flags() if flags is None else flags
     extra = ("-mavx512vnni",) if name == "avx512" and "avx512_vnni" in flags else ()
@@ -97,12 +100,12 @@ def has_vnni(name: str, flags: frozenset[str] | None = None) -> bool:
 
 
 def choose(requested: str = "auto", flags: frozenset[str] | None = None,
-           emulate_amx: bool = False) -> tuple[str, str]:
-    """The tier to run and why. A forced tier the CPU lacks raises ISAError; with emulate_amx
-    (KTGEN_EMULATE_AMX=1) the amx tier runs anywhere, through the software tile emulation."""
+           emulated: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """The tier to run and why. A forced tier the CPU lacks raises ISAError; a forced tier in
+    `emulated` (KTGEN_EMULATE_AMX=1, KTGEN_EMULATE_AVX512=1) runs anywhere, in software."""
     flags = cpu_flags() if flags is None else flags
-    if requested == "amx" and emulate_amx:
-        return "amx", "requested explicitly, tile instructions emulated in software (KTGEN_EMULATE_AMX=1)"
+    if requested in emulated:
+        return requested, f"requested explicitly, emulated in software ({EMULATION_VARS[requested]}=1)"
     if platform.machine().lower() not in ("x86_64", "amd64") and requested not in ("auto", "generic"):
         raise ISAError(f"ISA tier {requested!r} needs an x86-64 CPU; this is {platform.machine()}")
     if requested != "auto":

@@ -74,9 +74,12 @@ def _c_float(x: float) -> str:
     return repr(float(x))
 
 
-def render(spec: MoESpec, tier: str, vnni: bool = False, emulate_amx: bool = False) -> Rendered:
-    """C sources of `spec` for an ISA tier. emulate_amx (amx tier only): the same kernels over a
-    portable implementation of the tile instructions and of the 16-lane vector primitives."""
+EMULABLE = ("amx", "avx512")
+
+
+def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) -> Rendered:
+    """C sources of `spec` for an ISA tier. emulate (amx and avx512): the same kernels over a
+    portable implementation of the 16-lane vector primitives (and of the tile instructions)."""
     if tier not in BLOCKING:
         raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
     prefix = f"ktgen_{spec.name}"
@@ -91,7 +94,7 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate_amx: bool = Fal
         version=__version__,
         tier=tier,
         vnni=vnni,
-        emulate=emulate_amx and tier == "amx",
+        emulate=emulate and tier in EMULABLE,
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,
@@ -119,7 +122,7 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate_amx: bool = Fal
     env = _env()
     api = env.get_template("api.h.j2").render(**ctx)
     header = env.get_template("header.h.j2").render(api=api, **ctx)
-    vector_tier = {"amx": "vec16" if ctx["emulate"] else "avx512"}.get(tier, tier)
+    vector_tier = "vec16" if ctx["emulate"] else {"amx": "avx512"}.get(tier, tier)
     tier_source = env.get_template(f"tier_{vector_tier}.h.j2").render(**ctx)
     ctx["amx_source"] = env.get_template("amx.h.j2").render(**ctx) if tier == "amx" else ""
     weights_source = env.get_template("weights.h.j2").render(**ctx)

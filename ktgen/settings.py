@@ -12,7 +12,8 @@ class Settings:
     cache_dir: Path          # KTGEN_CACHE_DIR, default ~/.cache/ktgen
     isa: str | None          # KTGEN_ISA: forces a tier over the spec's `auto`
     cc: str                  # KTGEN_CC: the C compiler
-    emulate_amx: bool        # KTGEN_EMULATE_AMX=1
+    emulate: frozenset[str]  # tiers run through the software emulation: KTGEN_EMULATE_AMX=1 (amx),
+                             # KTGEN_EMULATE_AVX512=1 (avx512, for tests on CPUs without it)
     sanitize: tuple[str, ...]  # KTGEN_SANITIZE=address,undefined: build kernels with sanitizers
 
 
@@ -23,6 +24,7 @@ def settings() -> Settings:
         cache_dir=Path(cache).expanduser(),
         isa=env.get("KTGEN_ISA") or None,
         cc=env.get("KTGEN_CC") or env.get("CC") or "cc",
-        emulate_amx=env.get("KTGEN_EMULATE_AMX", "") not in ("", "0"),
+        emulate=frozenset(tier for tier, var in (("amx", "KTGEN_EMULATE_AMX"), ("avx512", "KTGEN_EMULATE_AVX512"))
+                          if env.get(var, "") not in ("", "0")),
         sanitize=tuple(sorted(s.strip() for s in env.get("KTGEN_SANITIZE", "").split(",") if s.strip())),
     )

@@ -13,8 +13,12 @@ from ktgen.render import BLOCKING
 
 bf16 = ml_dtypes.bfloat16
 
-# Tiers rendered by ktgen that this CPU can run; the others are compile-checked only.
-RUN_TIERS = [t for t in isa.available_tiers() if t in BLOCKING]
+# Tiers rendered by ktgen that this CPU runs natively, plus avx512 through its software
+# emulation (KTGEN_EMULATE_AVX512=1, bit-exact with native) on a CPU without AVX-512, so that
+# every tier's kernels are tested everywhere. amx has tests of its own (test_amx.py).
+NATIVE_TIERS = [t for t in isa.available_tiers() if t in BLOCKING and t != "amx"]
+EMULATED_AVX512 = "avx512" not in NATIVE_TIERS
+RUN_TIERS = NATIVE_TIERS + (["avx512"] if EMULATED_AVX512 else [])
 ALL_TIERS = list(BLOCKING)
 
 
@@ -25,6 +29,9 @@ def kernel_cache(tmp_path_factory):
     old = os.environ.get("KTGEN_CACHE_DIR")
     os.environ["KTGEN_CACHE_DIR"] = path
     os.environ.pop("KTGEN_ISA", None)
+    os.environ.pop("KTGEN_EMULATE_AMX", None)
+    if EMULATED_AVX512:
+        os.environ["KTGEN_EMULATE_AVX512"] = "1"
     yield path
     if old is None:
         os.environ.pop("KTGEN_CACHE_DIR", None)

@@ -112,7 +112,7 @@ def test_emulated_and_plain_builds_have_different_cache_keys(emulated, monkeypat
 def test_rendered_amx_source_uses_the_tile_instructions():
     spec = amx_spec("bf16", True, 1)
     native = ktgen.render.render(spec, "amx")
-    emulated = ktgen.render.render(spec, "amx", emulate_amx=True)
+    emulated = ktgen.render.render(spec, "amx", emulate=True)
     assert "_tile_dpbf16ps" in native.source and "ARCH_REQ_XCOMP_PERM" in native.source
     assert "_tile_dpbf16ps" not in emulated.source and "tile_dpbf16ps(" in emulated.source
     # the same kernels: only the tile and vector primitives differ
