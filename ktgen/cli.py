@@ -36,6 +36,10 @@ BUDGET_FRACTION = 0.25           # of MemTotal
 BUDGET_CAP = 4 << 30             # bytes: never more than this, whatever MemTotal says
 DEFAULT_SUBSET = 16              # experts when the layer does not fit
 
+# The PyTorch baseline may be orders of magnitude slower (bf16 matmuls without native bf16
+# instructions): it gets fewer timed runs when its warm-up shows they would exceed this.
+TORCH_BUDGET_S = 30.0
+
 WEIGHT_STD = 0.02                # base weights and LoRA A/B, typical of real checkpoints
 ACTIVATION_STD = 1.0
 
@@ -530,9 +534,21 @@ def cmd_check(args) -> int:
 
 # --------------------------------------------------------------------------- bench
 
-def _median_ms(fn, repeat: int, warmup: int = 1) -> tuple[float, list[float]]:
+def _median_ms(fn, repeat: int, warmup: int = 1, budget_s: float | None = None) -> tuple[float, list[float]]:
+    """Median wall time in ms of `repeat` calls after `warmup` calls, and every timed call.
+
+    With `budget_s`, a slow fn gets fewer timed calls: as many as fit in budget_s judging by
+    the warm-up (at least one), and none beyond the warm-up when the warm-up alone took longer
+    than budget_s (its time is then the only sample)."""
+    warm = []
     for _ in range(warmup):
+        started = time.perf_counter()
         fn()
+        warm.append(time.perf_counter() - started)
+    if budget_s is not None and warm:
+        if warm[-1] > budget_s:
+            return warm[-1] * 1e3, [warm[-1] * 1e3]
+        repeat = max(1, min(repeat, int(budget_s / max(warm[-1], 1e-9))))
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -609,9 +625,10 @@ def _torch_baseline(spec, x, ids, rw, grad_out, gate, up, down, lora, repeat: in
                     p.grad = None
         forward(xg, rwg).backward(go)
 
-    fwd_ms, _ = _median_ms(infer, repeat)
-    train_ms, _ = _median_ms(train, repeat)
-    return {"version": torch.__version__, "threads": threads, "forward_ms": fwd_ms, "train_ms": train_ms}
+    fwd_ms, fwd_runs = _median_ms(infer, repeat, budget_s=TORCH_BUDGET_S)
+    train_ms, train_runs = _median_ms(train, repeat, budget_s=TORCH_BUDGET_S)
+    return {"version": torch.__version__, "threads": threads, "forward_ms": fwd_ms, "train_ms": train_ms,
+            "forward_runs_ms": fwd_runs, "train_runs_ms": train_runs}
 
 
 def cmd_bench(args) -> int:
@@ -636,7 +653,10 @@ def cmd_bench(args) -> int:
     x, ids, rw, grad_out = _random_inputs(spec, T, rng)
 
     gflop = 2 * 3 * T * k * H * I / 1e9     # base GEMMs of one forward; backward the same again
-    _out(f"  T={T} tokens, top-{k} routing; median of {R} run(s) after 1 warm-up",
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    busy = " (busy machine: timings are noisy)" if load > 0.5 * _usable_cores() + 0.5 else ""
+    _out(f"  T={T} tokens, top-{k} routing; median of {R} run(s) after 1 warm-up; "
+         f"load average {load:.1f} on {_usable_cores()} cores{busy}",
          f"  GFLOP/s count the base GEMMs only, LoRA excluded: forward 2*3*T*k*H*I = {gflop:.2f} GFLOP, "
          f"backward the same again (the transposed products)")
 
@@ -665,6 +685,7 @@ def cmd_bench(args) -> int:
         "subset": plan.subset, "memory_note": plan.note, "tokens": T, "k": k, "hidden_size": H,
         "intermediate_size": I, "lora_rank": spec.lora.rank if spec.lora else 0,
         "quant": spec.quant.mode, "tier": moe.kernel.isa, "threads": moe.threads, "repeat": R,
+        "load_average": load, "cpu": _cpu_model(),
         "forward_gflop": gflop, "backward_gflop": gflop, "flops_note": "base GEMMs only, LoRA excluded",
         "ktgen": {
             "forward_ms": fwd_ms, "forward_gflops": gf(gflop, fwd_ms), "forward_runs_ms": fwd_all,
@@ -704,10 +725,17 @@ def cmd_bench(args) -> int:
     row("  of which backward", bw_ms, kt["backward_gflops"])
     row("numpy fp32 GEMM 2048^3 (the roof)", roof["ms"], roof["gflops"])
     if torch_res:
+        def runs(key):
+            n = len(torch_res[key])
+            return "" if n == R else f" ({n} run{'s' if n != 1 else ''}: slow baseline)"
+
         row(f"torch {torch_res['version']} eager bf16 forward", torch_res["forward_ms"],
-            torch_res["forward_gflops"], f"   ktgen speed-up {torch_res['forward_speedup']:.2f}x")
+            torch_res["forward_gflops"],
+            f"   ktgen speed-up {torch_res['forward_speedup']:.2f}x{runs('forward_runs_ms')}")
         row("torch eager bf16 forward + backward", torch_res["train_ms"], torch_res["train_gflops"],
-            f"   ktgen speed-up {torch_res['train_speedup']:.2f}x")
+            f"   ktgen speed-up {torch_res['train_speedup']:.2f}x{runs('train_runs_ms')}")
+        _out(f"  (torch: per-expert loop with LoRA as PEFT runs it, {torch_res['threads']} threads, "
+             f"autograd backward)")
     else:
         _out("  (PyTorch is not installed: no eager baseline; pip install torch to compare)")
     if args.json:
