@@ -104,18 +104,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _numa_nodes() -> list[tuple[str, str]]:
-    """(node name, cpulist) per NUMA node; empty where sysfs does not describe any."""
-    root = Path("/sys/devices/system/node")
-    nodes = []
-    for d in root.glob("node[0-9]*"):
-        try:
-            nodes.append((int(d.name[4:]), d.name, (d / "cpulist").read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return [(name, cpus) for _, name, cpus in sorted(nodes)]
-
-
 def _load_spec(name_or_path: str):
     from .spec import load_spec
     return load_spec(name_or_path)
@@ -253,9 +241,15 @@ def cmd_info(args) -> int:
 
     auto_tier, auto_why = isa_mod.choose("auto")
     _out(f"auto tier:  {auto_tier}: {auto_why}")
+    if "amx_tile" in flags:
+        granted = "granted" if isa_mod.amx_permission() else "REFUSED (Linux >= 5.16 needed)"
+        _out(f"AMX:        tile data {granted} by the OS (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    if cfg.emulate:
+        _out(f"emulated:   {', '.join(sorted(cfg.emulate))} (software emulation for tests: "
+             f"{', '.join(isa_mod.EMULATION_VARS[t] + '=1' for t in sorted(cfg.emulate))})")
     if cfg.isa:
         try:
-            forced, _ = isa_mod.choose(cfg.isa)
+            forced, _ = isa_mod.choose(cfg.isa, emulated=cfg.emulate)
             _out(f"KTGEN_ISA:  {cfg.isa}: every spec runs the {forced} tier")
         except isa_mod.ISAError as exc:
             _out(f"KTGEN_ISA:  {cfg.isa}: UNUSABLE here: {exc}")
@@ -272,8 +266,9 @@ def cmd_info(args) -> int:
             _out(f"            {name}: not implemented in this version")
         else:
             missing = isa_mod.missing_features(name)
-            _out(f"            {name}: not here (CPU lacks {', '.join(missing)}); "
-                 f"`ktgen build --isa {name} --no-make` emits it for another machine")
+            emulation = f"; {isa_mod.EMULATION_VARS[name]}=1 runs it in software" if name in isa_mod.EMULATION_VARS else ""
+            _out(f"            {name}: not here (CPU lacks {', '.join(missing) or 'OS permission'}); "
+                 f"`ktgen build --isa {name} --no-make` emits it for another machine{emulation}")
 
     try:
         ident = compiler_identity(cfg.cc)
@@ -299,12 +294,8 @@ def cmd_info(args) -> int:
     cores = _usable_cores()
     _out(f"cores:      {cores} usable (of {os.cpu_count()} online); threads per partition default "
          f"to usable / tp_count")
-    nodes = _numa_nodes()
-    if nodes:
-        desc = ", ".join(f"{name} cpus {cpus}" for name, cpus in nodes)
-        _out(f"NUMA:       {len(nodes)} node{'s' if len(nodes) != 1 else ''}: {desc}")
-    else:
-        _out(f"NUMA:       1 node (no /sys/devices/system/node): cpus 0-{(os.cpu_count() or 1) - 1}")
+    from . import numa
+    _out("NUMA:       " + numa.describe().replace("\n", "\n            "))
     total = _mem_total()
     _out(f"memory:     {_fmt_bytes(total) if total else 'unknown'} total; check/bench budget "
          f"{_fmt_bytes(_memory_budget())} of bf16 base weights")
