@@ -1,0 +1,290 @@
+"""ktgen.compile (§4, §5 environment): the Kernel it returns, the on-disk cache and its
+integrity checks across processes, the environment variables, the errors, and the avx512
+tier's source compiling even on a CPU without AVX-512."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ktgen
+from ktgen import isa as isa_mod
+from ktgen.render import render
+from conftest import ALL_TIERS, RUN_TIERS
+from test_forward import awkward_spec, qwen_spec
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = "manifest.json"
+
+# A small spec of its own, so that no other test file has loaded it into this process.
+PROBE = ktgen.MoESpec(name="compile_probe", expert_num=2, num_experts_per_tok=1, hidden_size=32,
+                      intermediate_size=32, max_len=4, lora=dict(rank=2))
+
+# Compiles (or finds) a spec in a fresh interpreter and runs one forward with it.
+CHILD = r"""
+import json, sys
+import numpy as np, ml_dtypes
+import ktgen
+spec = ktgen.MoESpec.model_validate(json.loads(sys.argv[1]))
+k = ktgen.compile(spec)
+E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
+bf = ml_dtypes.bfloat16
+w = lambda *s: np.full(s, 0.5, np.float32).astype(bf)
+moe = ktgen.MoE(spec, w(E, I, H), w(E, I, H), w(E, H, I))
+out = moe.forward(w(1, H), np.zeros((1, spec.num_experts_per_tok), np.int64),
+                  np.ones((1, spec.num_experts_per_tok), np.float32))
+print("RESULT " + json.dumps(dict(compiled=k.compiled, key=k.cache_key, path=str(k.path),
+                                  isa=k.isa, finite=bool(np.isfinite(out.astype(np.float32)).all()))))
+"""
+
+
+def child_env(cache_dir) -> dict[str, str]:
+    env = dict(os.environ)
+    env["KTGEN_CACHE_DIR"] = str(cache_dir)
+    env.pop("KTGEN_ISA", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def child_args(spec):
+    return [sys.executable, "-c", CHILD, json.dumps(spec.model_dump())]
+
+
+def parse_child(proc_stdout: str, stderr: str, rc: int) -> dict:
+    assert rc == 0, f"child failed (rc {rc}):\n{stderr[-3000:]}"
+    lines = [l for l in proc_stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, f"no result from child:\n{proc_stdout}\n{stderr[-3000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["finite"]
+    return result
+
+
+def run_child(spec, cache_dir) -> dict:
+    proc = subprocess.run(child_args(spec), env=child_env(cache_dir), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    return parse_child(proc.stdout, proc.stderr, proc.returncode)
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(cache_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def set_cache_dir(path):
+    old = os.environ.get("KTGEN_CACHE_DIR")
+    os.environ["KTGEN_CACHE_DIR"] = str(path)
+    return old
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """PROBE compiled in-process into a cache dir of its own: (first Kernel, second Kernel, dir)."""
+    cache_dir = tmp_path_factory.mktemp("probe-cache")
+    old = set_cache_dir(cache_dir)
+    try:
+        first = ktgen.compile(PROBE)
+        second = ktgen.compile(PROBE)
+    finally:
+        os.environ["KTGEN_CACHE_DIR"] = old
+    return first, second, cache_dir
+
+
+def test_compile_returns_a_kernel_and_caches_it(probe, kernel_cache):
+    first, second, cache_dir = probe
+    assert isinstance(first, ktgen.Kernel)
+    assert first.compiled is True
+    assert first.isa == isa_mod.choose("auto")[0] == RUN_TIERS[0]
+    assert re.fullmatch(r"[0-9a-f]{64}", first.cache_key)
+    # KTGEN_CACHE_DIR moves the cache: the entry is there, complete, and not in the default one
+    path = Path(first.path)
+    assert path.is_dir() and path.parent == Path(cache_dir)
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert (path / manifest["module_file"]).is_file()
+    assert entries(cache_dir) == [path]
+    assert not any(p.name.startswith(PROBE.name + "-") for p in entries(kernel_cache))
+    # the second call in-process is a hit
+    assert second.compiled is False
+    assert second.cache_key == first.cache_key and Path(second.path) == path
+    assert second.isa == first.isa
+
+
+def test_second_process_compiles_nothing(probe):
+    first, _, cache_dir = probe
+    result = run_child(PROBE, cache_dir)
+    assert result["compiled"] is False
+    assert result["key"] == first.cache_key and Path(result["path"]) == Path(first.path)
+    assert len(entries(cache_dir)) == 1
+
+
+def test_tier_changes_the_cache_key(probe, monkeypatch):
+    first, _, cache_dir = probe
+    other = [t for t in RUN_TIERS if t != first.isa]
+    if not other:
+        pytest.skip("this CPU runs a single tier")
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("KTGEN_ISA", other[-1])
+    k = ktgen.compile(PROBE)
+    assert k.isa == other[-1]
+    assert k.cache_key != first.cache_key and Path(k.path) != Path(first.path)
+    assert k.compiled is True
+
+
+def test_spec_changes_the_cache_key(probe, monkeypatch):
+    first, _, cache_dir = probe
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache_dir))
+    k = ktgen.compile(PROBE.replace(max_len=5))
+    assert k.cache_key != first.cache_key and Path(k.path) != Path(first.path)
+    assert k.compiled is True
+
+
+@pytest.mark.parametrize("damage", ["truncated_module", "missing_manifest"])
+def test_damaged_entry_is_rebuilt(probe, tmp_path, damage):
+    first, _, cache_dir = probe
+    src = Path(first.path)
+    cache = tmp_path / "cache"
+    entry = cache / src.name
+    shutil.copytree(src, entry)
+    manifest = json.loads((entry / MANIFEST).read_text())
+    module = entry / manifest["module_file"]
+    if damage == "truncated_module":
+        size = module.stat().st_size
+        with open(module, "r+b") as f:
+            f.truncate(size // 2)
+    else:
+        (entry / MANIFEST).unlink()
+    # a fresh process: this one has the module loaded already, which would hide the damage
+    result = run_child(PROBE, cache)
+    assert result["compiled"] is True, f"{damage}: the damaged entry was not rebuilt"
+    assert result["key"] == first.cache_key and Path(result["path"]) == entry
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["key"] == first.cache_key
+    rebuilt = (entry / manifest["module_file"]).read_bytes()
+    assert hashlib.sha256(rebuilt).hexdigest() == manifest["sha256"]
+    again = run_child(PROBE, cache)
+    assert again["compiled"] is False
+
+
+def test_two_processes_build_the_same_new_spec(tmp_path):
+    spec = PROBE.replace(name="compile_race")
+    cache = tmp_path / "race-cache"  # does not exist yet: both create it
+    env = child_env(cache)
+    procs = [subprocess.Popen(child_args(spec), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(parse_child(out, err, p.returncode))
+    assert results[0]["key"] == results[1]["key"]
+    assert results[0]["path"] == results[1]["path"]
+    assert sum(r["compiled"] for r in results) == 1, "the build must run once, the other process waits"
+    (entry,) = entries(cache)
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["key"] == results[0]["key"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".build")], "temporary build dirs left"
+
+
+def test_unusable_cache_dir_raises_cache_error(tmp_path, monkeypatch):
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root writes anyway: use a path below a regular file instead
+            blocker = tmp_path / "a-file"
+            blocker.write_text("not a directory")
+            bad = blocker / "cache"
+        else:
+            bad = ro / "cache"
+        monkeypatch.setenv("KTGEN_CACHE_DIR", str(bad))
+        with pytest.raises(ktgen.CacheError) as info:
+            ktgen.compile(PROBE.replace(name="compile_unusable_cache"))
+        assert str(bad) in str(info.value)
+        assert "KTGEN_CACHE_DIR" in str(info.value)
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/bin/no-such-cc", "no-such-compiler-ktgen"])
+def test_missing_compiler(monkeypatch, tmp_path, cc):
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KTGEN_CC", cc)
+    with pytest.raises(ktgen.CompilerError) as info:
+        ktgen.compile(PROBE.replace(name="compile_no_cc"))
+    message = str(info.value)
+    assert re.search(r"install", message, re.I) and "C compiler" in message, message
+    assert cc in message
+
+
+def test_broken_compiler(monkeypatch, tmp_path):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` binary")
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KTGEN_CC", false)
+    with pytest.raises(ktgen.CompilerError):
+        ktgen.compile(PROBE.replace(name="compile_broken_cc"))
+
+
+@pytest.mark.skipif("avx512" in RUN_TIERS, reason="this CPU has AVX-512")
+def test_forcing_a_missing_tier_raises_isa_error(monkeypatch):
+    spec = PROBE.replace(name="compile_isa")
+    monkeypatch.setenv("KTGEN_ISA", "avx512")
+    with pytest.raises(ktgen.ISAError, match="avx512"):
+        ktgen.compile(spec)
+    monkeypatch.delenv("KTGEN_ISA")
+    with pytest.raises(ktgen.ISAError, match="avx512"):
+        ktgen.compile(spec.replace(isa="avx512"))
+
+
+def test_unknown_tier_raises_isa_error(monkeypatch):
+    monkeypatch.setenv("KTGEN_ISA", "sse9")
+    with pytest.raises(ktgen.ISAError, match="sse9"):
+        ktgen.compile(PROBE.replace(name="compile_isa"))
+
+
+@pytest.mark.parametrize("case", ["awkward_f32", "qwen_tp2_bf16_vnni"])
+def test_avx512_source_compiles_with_gcc(tmp_path, case):
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    spec, vnni = {
+        "awkward_f32": (awkward_spec("float32"), False),
+        "qwen_tp2_bf16_vnni": (qwen_spec("tp2-bf16"), True),
+    }[case]
+    r = render(spec, "avx512", vnni=vnni)
+    (tmp_path / r.header_name).write_text(r.header)
+    src = tmp_path / f"{spec.name}.c"
+    src.write_text(r.source)
+    cmd = [gcc, "-O2", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+           "-std=gnu11", "-Wall", "-I", str(tmp_path), "-c", str(src), "-o", str(tmp_path / "k.o")]
+    if vnni:
+        cmd.insert(-4, "-mavx512vnni")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "k.o").stat().st_size > 0
+    # the object really holds AVX-512 code (zmm registers)
+    objdump = shutil.which("objdump")
+    if objdump:
+        dis = subprocess.run([objdump, "-d", str(tmp_path / "k.o")], capture_output=True, text=True)
+        assert "zmm" in dis.stdout
+
+
+def test_rendering_is_pure(monkeypatch):
+    spec = awkward_spec("float32")
+    once = render(spec, "avx2")
+    monkeypatch.setenv("KTGEN_ISA", "generic")  # the environment plays no part
+    twice = render(spec, "avx2")
+    assert once == twice
+    sources = {t: render(spec, t).source for t in ALL_TIERS}
+    assert len(set(sources.values())) == len(ALL_TIERS), "each tier renders its own source"
+    assert render(awkward_spec("bfloat16"), "avx2").source != once.source
+    assert render(awkward_spec(None), "avx2").source != once.source
+    assert render(spec.replace(max_len=101), "avx2").source != once.source
+    # the header documents the spec it was rendered for
+    assert spec.name in once.header

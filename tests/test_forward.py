@@ -1,0 +1,293 @@
+"""Contract §7 for the forward pass: MoE.forward / forward_train against the float64 oracle.
+
+Every tier this CPU runs, LoRA off / float32 / bfloat16, tp_count 1 and 2, T from 0 to
+max_len, realistic magnitudes (LESSONS 11) and the awkward routings of LESSONS 9-10:
+skipped slots, duplicates within a row, experts with no tokens, everything on one expert,
+expert-sorted order that differs from token order.
+
+Shapes: the awkward layer E=8, k=3, H=96, I=160 (not a multiple of 64), LoRA rank 5,
+max_len 100 (tp 1 only), and Qwen3-30B-A3B's H=2048, I=768 cut to E=4, k=2 (tp 1 and 2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ktgen
+from ktgen import reference as ref
+from conftest import RUN_TIERS, make_inputs, make_weights
+
+bf16 = np.dtype(ml_dtypes.bfloat16)
+OUT_TOL = 1e-2
+
+LORA_KINDS = ["float32", "bfloat16", None]
+# (weight std, activation std): the corners of what real models see (§7).
+MAGNITUDES = [(0.02, 10.0), (1.0, 0.01), (1.0, 10.0), (0.02, 0.01)]
+AWK_MAX_LEN = 100
+AWK_TOKENS = [0, 1, 7, 64, AWK_MAX_LEN]
+# (T, weight std, activation std): every T, two magnitudes each, all four at T = max_len.
+AWK_CASES = [(0, 0.02, 10.0), (0, 1.0, 0.01), (1, 1.0, 0.01), (1, 0.02, 10.0), (7, 1.0, 10.0),
+             (7, 0.02, 0.01), (64, 0.02, 10.0), (64, 1.0, 0.01)] + [
+    (AWK_MAX_LEN, w, x) for w, x in MAGNITUDES]
+assert sorted({c[0] for c in AWK_CASES}) == AWK_TOKENS
+ROUTINGS = ["random", "duplicates", "empty_expert", "one_expert", "one_expert_every_slot",
+            "reversed_order"]
+
+
+# ---- specs (kept identical across test files so the kernels compile once a session) ----
+
+def awkward_spec(lora_dtype, tier="auto"):
+    lora = None if lora_dtype is None else dict(rank=5, dtype=lora_dtype)
+    return ktgen.MoESpec(name="awkward", expert_num=8, num_experts_per_tok=3, hidden_size=96,
+                         intermediate_size=160, max_len=AWK_MAX_LEN, lora=lora, isa=tier)
+
+
+# Qwen3-30B-A3B's layer dims, fewer experts. Per (tier): tp1/f32, tp2/f32, tp2/bf16 (rsLoRA), tp2/none.
+QWEN_VARIANTS = {
+    "tp1-f32": (1, "float32"),
+    "tp2-f32": (2, "float32"),
+    "tp2-bf16": (2, "bfloat16"),
+    "tp2-nolora": (2, None),
+}
+
+
+def qwen_spec(variant, tier="auto"):
+    tp, lora_dtype = QWEN_VARIANTS[variant]
+    if lora_dtype is None:
+        lora = None
+    elif lora_dtype == "bfloat16":
+        lora = dict(rank=16, alpha=8.0, use_rslora=True, dtype="bfloat16")  # s = 8 / 4 = 2
+    else:
+        lora = dict(rank=16, dtype="float32")                                # s = 32 / 16 = 2
+    return ktgen.load_spec("qwen3-30b-a3b").replace(
+        expert_num=4, num_experts_per_tok=2, max_len=16, tp_count=tp, lora=lora, isa=tier)
+
+
+def lora_std(spec, weight_std):
+    """LoRA A/B std so that s*B(Ax) is about half the base term: LoRA matters but does not dominate."""
+    return float(np.sqrt(0.5 * weight_std / (spec.lora.scale * np.sqrt(spec.lora.rank))))
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(E, I, H, seed, weight_std):
+    spec = ktgen.MoESpec(name="w", expert_num=E, num_experts_per_tok=1, hidden_size=H,
+                         intermediate_size=I)
+    arrays = make_weights(spec, np.random.default_rng(seed), weight_std)
+    for a in arrays:
+        a.flags.writeable = False  # shared between tests
+    return arrays
+
+
+def base_weights(spec, seed, weight_std):
+    """make_weights for the spec's shape, made once per (shape, seed, std) and shared read-only."""
+    return _weights(spec.expert_num, spec.intermediate_size, spec.hidden_size, seed, weight_std)
+
+
+def build(spec, seed=0, weight_std=1.0, lora="random"):
+    """(moe, lora) with base weights of the given std; lora 'random', 'zeros' or None.
+    The base weights of one (shape, seed, std) are made once and shared (they are read-only)."""
+    rng = np.random.default_rng(seed + 1000)
+    gate, up, down = base_weights(spec, seed, weight_std)
+    lw = None
+    if spec.lora is not None and lora == "random":
+        lw = ktgen.LoRAWeights.random(spec, rng, lora_std(spec, weight_std))
+    elif spec.lora is not None and lora == "zeros":
+        lw = ktgen.LoRAWeights.zeros(spec)
+    return ktgen.MoE(spec, gate, up, down, lw), lw
+
+
+def expected_forward(moe, x, ids, rw):
+    spec = moe.spec
+    return ref.forward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
+                       moe.dequantized("down"), moe.lora,
+                       spec.lora.scale if spec.lora else 1.0)
+
+
+def routing(kind, T, k, E, rng):
+    """expert_ids [T, k] int64 for one of ROUTINGS."""
+    if kind == "random":                       # with about 10% skipped slots
+        ids = rng.integers(0, E, (T, k))
+        ids[rng.random((T, k)) < 0.1] = -1
+    elif kind == "duplicates":                 # the same expert twice (or more) in a row
+        ids = rng.integers(0, E, (T, k))
+        ids[:, 1] = ids[:, 0]
+        ids[::3, :] = ids[::3, :1]
+    elif kind == "empty_expert":               # experts 0 and E-2 get no token at all
+        pool = np.array([e for e in range(E) if e not in (0, E - 2)])
+        ids = pool[rng.integers(0, len(pool), (T, k))]
+        ids[rng.random((T, k)) < 0.1] = -1
+    elif kind == "one_expert":                 # every token on expert E-1, other slots skipped
+        ids = np.full((T, k), -1)
+        ids[:, 0] = E - 1
+    elif kind == "one_expert_every_slot":      # every slot of every token on expert 2
+        ids = np.full((T, k), 2)
+    elif kind == "reversed_order":             # late tokens on low experts, slots descending
+        ids = np.empty((T, k), np.int64)
+        for t in range(T):
+            for j in range(k):
+                ids[t, j] = (E - 1 - (t * E) // max(T, 1) - 2 * j) % E
+    else:
+        raise AssertionError(kind)
+    return np.ascontiguousarray(ids, np.int64)
+
+
+def check_out(out, T, H):
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == bf16
+    assert out.shape == (T, H)
+    assert out.flags.c_contiguous
+
+
+# ---- awkward shape: every T, every magnitude, LoRA off/f32/bf16, every tier ----
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
+@pytest.mark.parametrize("T,wstd,xstd", AWK_CASES, ids=[f"T{T}-w{w}-x{x}" for T, w, x in AWK_CASES])
+def test_forward_accuracy_awkward(tier, lora_dtype, T, wstd, xstd):
+    spec = awkward_spec(lora_dtype, tier)
+    moe, _ = build(spec, seed=T, weight_std=wstd)
+    assert moe.kernel.isa == tier
+    rng = np.random.default_rng(100 + T)
+    x, ids, rw = make_inputs(spec, rng, T, xstd)
+    out = moe.forward(x, ids, rw)
+    check_out(out, T, spec.hidden_size)
+    expected = expected_forward(moe, x, ids, rw)
+    assert ref.rel_l2(out, expected) <= OUT_TOL
+    if T == 0:
+        return
+    # forward_train computes the same output bitwise
+    out_train, saved = moe.forward_train(x, ids, rw)
+    assert np.array_equal(out_train.view(np.uint16), out.view(np.uint16))
+    del saved
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
+@pytest.mark.parametrize("kind", ROUTINGS)
+def test_forward_routings(tier, lora_dtype, kind):
+    spec = awkward_spec(lora_dtype, tier)
+    moe, _ = build(spec, seed=1, weight_std=1.0)
+    rng = np.random.default_rng(7)
+    T = AWK_MAX_LEN
+    ids = routing(kind, T, spec.num_experts_per_tok, spec.expert_num, rng)
+    x, ids, rw = make_inputs(spec, rng, T, 1.0, ids=ids)
+    out = moe.forward(x, ids, rw)
+    check_out(out, T, spec.hidden_size)
+    assert ref.rel_l2(out, expected_forward(moe, x, ids, rw)) <= OUT_TOL
+
+
+def test_routing_cases_are_what_they_claim():
+    """The routings above really contain the situations they are named after."""
+    rng = np.random.default_rng(7)
+    T, k, E = AWK_MAX_LEN, 3, 8
+    ids = routing("random", T, k, E, rng)
+    assert (ids == -1).any() and (ids >= 0).any()
+    ids = routing("duplicates", T, k, E, rng)
+    assert (ids[:, 0] == ids[:, 1]).all()
+    ids = routing("empty_expert", T, k, E, rng)
+    assert not (ids == 0).any() and not (ids == E - 2).any()
+    ids = routing("reversed_order", T, k, E, rng)
+    # token order of the first slot is decreasing in expert id: sorted order differs
+    assert ids[0, 0] > ids[-1, 0]
+    assert (ids >= 0).all() and (ids < E).all()
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
+def test_forward_all_slots_skipped_is_exactly_zero(tier, lora_dtype):
+    spec = awkward_spec(lora_dtype, tier)
+    moe, _ = build(spec, seed=2)
+    rng = np.random.default_rng(3)
+    for T in (1, 7, AWK_MAX_LEN):
+        x, ids, rw = make_inputs(spec, rng, T, 10.0, ids=np.full((T, 3), -1))
+        out = moe.forward(x, ids, rw)
+        check_out(out, T, spec.hidden_size)
+        assert not out.view(np.uint16).any(), "skipped slots must add exactly nothing (+0.0)"
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
+def test_forward_empty_batch(tier, lora_dtype):
+    spec = awkward_spec(lora_dtype, tier)
+    moe, _ = build(spec, seed=4)
+    x = np.empty((0, spec.hidden_size), bf16)
+    for id_dtype in (np.int32, np.int64):
+        ids = np.empty((0, 3), id_dtype)
+        rw = np.empty((0, 3), np.float32)
+        check_out(moe.forward(x, ids, rw), 0, spec.hidden_size)
+        out, saved = moe.forward_train(x, ids, rw)
+        check_out(out, 0, spec.hidden_size)
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_lora_contributes(tier, lora_dtype):
+    """Random LoRA changes the output noticeably, and zero LoRA is exactly the base layer."""
+    spec = awkward_spec(lora_dtype, tier)
+    moe_lora, lw = build(spec, seed=5, weight_std=1.0, lora="random")
+    moe_zero, _ = build(spec, seed=5, weight_std=1.0, lora="zeros")
+    base_spec = awkward_spec(None, tier)
+    moe_base, _ = build(base_spec, seed=5, weight_std=1.0)
+    rng = np.random.default_rng(6)
+    x, ids, rw = make_inputs(spec, rng, 64, 1.0)
+    out_lora = moe_lora.forward(x, ids, rw)
+    out_zero = moe_zero.forward(x, ids, rw)
+    out_base = moe_base.forward(x, ids, rw)
+    assert ref.rel_l2(out_lora, out_zero) > 0.2, "LoRA should change the output noticeably"
+    assert ref.rel_l2(out_lora, expected_forward(moe_lora, x, ids, rw)) <= OUT_TOL
+    assert ref.rel_l2(out_zero, out_base) <= OUT_TOL
+    assert ref.rel_l2(out_zero, expected_forward(moe_base, x, ids, rw)) <= OUT_TOL
+    # and the LoRA of a single projection matters on its own
+    for name in ("gate_b", "up_b", "down_b"):
+        only = ktgen.LoRAWeights.zeros(spec)
+        only_a = name.replace("_b", "_a")
+        setattr(only, name, getattr(lw, name).copy())
+        setattr(only, only_a, getattr(lw, only_a).copy())
+        moe_zero.set_lora(only)
+        out_one = moe_zero.forward(x, ids, rw)
+        assert ref.rel_l2(out_one, out_base) > 0.05, name
+        assert ref.rel_l2(out_one, expected_forward(moe_zero, x, ids, rw)) <= OUT_TOL, name
+
+
+# ---- Qwen3-30B-A3B dims, tp 1 and 2 ----
+
+# (variant, weight std, activation std): each variant at one corner (test_backward checks both).
+QWEN_CASES = [("tp1-f32", 0.02, 10.0), ("tp2-f32", 1.0, 0.01), ("tp2-bf16", 0.02, 10.0),
+              ("tp2-nolora", 1.0, 0.01)]
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("variant,wstd,xstd", QWEN_CASES, ids=[f"{v}-w{w}-x{x}" for v, w, x in QWEN_CASES])
+def test_forward_accuracy_qwen(tier, variant, wstd, xstd):
+    spec = qwen_spec(variant, tier)
+    assert spec.hidden_size == 2048 and spec.intermediate_size == 768
+    moe, _ = build(spec, seed=11, weight_std=wstd)
+    rng = np.random.default_rng(12)
+    T = 9
+    ids = routing("random", T, 2, 4, rng)
+    ids[3] = [1, 1]         # a duplicate
+    ids[4] = [-1, -1]       # a token routed nowhere
+    x, ids, rw = make_inputs(spec, rng, T, xstd, ids=ids)
+    out = moe.forward(x, ids, rw)
+    check_out(out, T, spec.hidden_size)
+    assert ref.rel_l2(out, expected_forward(moe, x, ids, rw)) <= OUT_TOL
+    assert not out[4].view(np.uint16).any()
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+def test_forward_tp2_matches_tp1(tier):
+    """LESSONS 13: tp_count = 2 computes the same layer as tp_count = 1 (within §7), with LoRA."""
+    spec1 = qwen_spec("tp1-f32", tier)
+    rng = np.random.default_rng(13)
+    gate, up, down = make_weights(spec1, rng, 0.02)
+    lw = ktgen.LoRAWeights.random(spec1, rng, lora_std(spec1, 0.02))
+    moe1 = ktgen.MoE(spec1, gate, up, down, lw)
+    moe2 = ktgen.MoE(qwen_spec("tp2-f32", tier), gate, up, down, lw)
+    x, ids, rw = make_inputs(moe1.spec, rng, 16, 1.0)
+    out1, out2 = moe1.forward(x, ids, rw), moe2.forward(x, ids, rw)
+    assert ref.rel_l2(out2, out1) <= OUT_TOL
+    assert ref.rel_l2(out2, expected_forward(moe1, x, ids, rw)) <= OUT_TOL
