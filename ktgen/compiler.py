@@ -107,7 +107,9 @@ def sanitize_flags(sanitize: tuple[str, ...]) -> tuple[str, ...]:
                             f"supported: {', '.join(SANITIZERS)}")
     if not sanitize:
         return ()
-    return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
+    # -O1, ASan's usual level: the sanitizers see the same code and it builds several times faster.
+    return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+            "-g", "-O1")
 
 
 def build_flags(tier: str, sanitize: tuple[str, ...] = (), emulate: bool = False) -> tuple[str, ...]:

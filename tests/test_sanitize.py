@@ -7,14 +7,15 @@ process that starts with the ASan runtime preloaded, so the check runs in subpro
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
         KTGEN_SANITIZE=address,undefined python script.py
 
-The script runs, for every tier in RUN_TIERS, LoRA float32 / bfloat16 / off and tp_count 1
-and 2, a small spec's forward, forward_train + backward at awkward routings (T = 0,
+The script runs, for every tier in RUN_TIERS and the emulated amx tier, each quant mode once
+(with LoRA float32 / bfloat16 / off and tp_count 1 and 2 spread over the modes), a small spec's
+forward, forward_train + backward at awkward routings (T = 0,
 T = max_len, every slot skipped, every token on one expert, duplicate experts in a row,
 two saved forwards given back out of order, an in-place LoRA update) and checks §7 against
 ktgen.reference, printing one `CASE ... OK` line per case. Any out-of-bounds access or UB
 in a kernel aborts the process with an ASan/UBSan report on stderr.
 
-A sanitized build takes ~15 s per kernel (12 kernels), so the cases are split over two
+Sanitized builds use -O1 (ASan's usual level), ~5 s a kernel, and the cases are split over two
 processes that run at once (one per core of the reference machine); sanitized kernels are
 cached like any other (their flags are part of the cache key), so a rerun with
 KTGEN_TEST_CACHE_DIR is quick.
@@ -38,8 +39,9 @@ from conftest import RUN_TIERS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 2
-LORA_KINDS = ("float32", "bfloat16", "none")
-TPS = (1, 2)
+# (quant mode, LoRA, tp_count) run on every tier: each mode once, the LoRA kinds and tp spread.
+MODE_CASES = (("bf16", "float32", 2), ("int8", "bfloat16", 1), ("awq", "none", 2), ("k2", "float32", 1))
+SANITIZED_TIERS = RUN_TIERS + ["amx"]  # amx through KTGEN_EMULATE_AMX
 ROUTINGS = ("T0", "Tmax", "all_skipped", "one_expert", "duplicates", "random")
 
 SCRIPT = textwrap.dedent(r'''
@@ -60,14 +62,14 @@ SCRIPT = textwrap.dedent(r'''
     from ktgen import reference as ref
 
     bf16 = ml_dtypes.bfloat16
-    OUT_TOL, GRAD_TOL = 1e-2, 2e-2
+    TOLS = {"bf16": (1e-2, 2e-2)}  # (out, grads); the quantized modes: 3e-2, 4e-2
     LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
     cases = json.loads(sys.argv[1])
     failures = 0
 
 
-    def make_spec(tier, lora_kind, tp):
+    def make_spec(tier, mode, lora_kind, tp):
         if lora_kind == "none":
             lora = None
         elif lora_kind == "bfloat16":
@@ -75,9 +77,10 @@ SCRIPT = textwrap.dedent(r'''
         else:
             lora = dict(rank=3, dtype="float32")
         # awkward sizes: H = 3 blocks of 32, k = 3, max_len 17 (odd)
-        return ktgen.MoESpec(name=f"san_{lora_kind}_tp{tp}", expert_num=4, num_experts_per_tok=3,
+        quant = {"mode": mode} if mode in ("bf16", "int8") else {"mode": mode, "group_size": 32}
+        return ktgen.MoESpec(name=f"san_{mode}_{lora_kind}_tp{tp}", expert_num=4, num_experts_per_tok=3,
                              hidden_size=96, intermediate_size=64, max_len=17, lora=lora,
-                             tp_count=tp, isa=tier)
+                             tp_count=tp, isa=tier, quant=quant)
 
 
     def routing(kind, spec, rng):
@@ -128,8 +131,9 @@ SCRIPT = textwrap.dedent(r'''
                 errs["lora"] = max(ref.rel_l2(getattr(grads, n), e[n]) for n in LORA_NAMES)
             else:
                 assert all(getattr(grads, n) is None for n in LORA_NAMES)
+        out_tol, grad_tol = TOLS.get(spec.quant.mode, (3e-2, 4e-2))
         for name, err in errs.items():
-            tol = OUT_TOL if name == "out" else GRAD_TOL
+            tol = out_tol if name == "out" else grad_tol
             assert err <= tol, f"{name}: relL2 {err:.3e} > {tol}"
         return errs
 
@@ -138,10 +142,10 @@ SCRIPT = textwrap.dedent(r'''
         return " ".join(f"{k}={v:.1e}" for k, v in errs.items())
 
 
-    def run_case(tier, lora_kind, tp, routings):
+    def run_case(tier, mode, lora_kind, tp, routings):
         global failures
-        spec = make_spec(tier, lora_kind, tp)
-        rng = np.random.default_rng(zlib.crc32(f"{tier}/{lora_kind}/{tp}".encode()))
+        spec = make_spec(tier, mode, lora_kind, tp)
+        rng = np.random.default_rng(zlib.crc32(f"{tier}/{mode}/{lora_kind}/{tp}".encode()))
         gate, up, down = (
             (rng.standard_normal(s, np.float32) * 0.5).astype(bf16)
             for s in [(4, 64, 96), (4, 64, 96), (4, 96, 64)])
@@ -152,7 +156,7 @@ SCRIPT = textwrap.dedent(r'''
         assert moe.kernel.isa == tier, moe.kernel.isa
         assert "-fsanitize=address,undefined" in json.load(
             open(moe.kernel.path / "manifest.json"))["flags"]
-        tag = f"tier={tier} lora={lora_kind} tp={tp}"
+        tag = f"tier={tier} mode={mode} lora={lora_kind} tp={tp}"
         for kind in routings:
             try:
                 x, ids, rw, go = inputs(spec, rng, routing(kind, spec, rng))
@@ -199,8 +203,8 @@ SCRIPT = textwrap.dedent(r'''
         moe.close()
 
 
-    for tier, lora_kind, tp in cases:
-        run_case(tier, lora_kind, tp, ["T0", "Tmax", "all_skipped", "one_expert", "duplicates", "random"])
+    for tier, mode, lora_kind, tp in cases:
+        run_case(tier, mode, lora_kind, tp, ["T0", "Tmax", "all_skipped", "one_expert", "duplicates", "random"])
     print(f"DONE cases={len(cases)} failures={failures}", flush=True)
     sys.exit(1 if failures else 0)
 ''')
@@ -217,12 +221,12 @@ def libasan() -> str | None:
 
 
 def combos():
-    return [(tier, lora, tp) for tier in RUN_TIERS for lora in LORA_KINDS for tp in TPS]
+    return [(tier,) + case for tier in SANITIZED_TIERS for case in MODE_CASES]
 
 
-def expected_lines(tier, lora, tp):
+def expected_lines(tier, mode, lora, tp):
     names = list(ROUTINGS) + ["two_slots"] + ([] if lora == "none" else ["lora_inplace"])
-    return [f"CASE tier={tier} lora={lora} tp={tp} routing={name} " for name in names]
+    return [f"CASE tier={tier} mode={mode} lora={lora} tp={tp} routing={name} " for name in names]
 
 
 def test_sanitized_kernels_are_clean(tmp_path, kernel_cache):
@@ -237,6 +241,7 @@ def test_sanitized_kernels_are_clean(tmp_path, kernel_cache):
         ASAN_OPTIONS="detect_leaks=0",
         UBSAN_OPTIONS="print_stacktrace=1",
         KTGEN_SANITIZE="address,undefined",
+        KTGEN_EMULATE_AMX="1",
         KTGEN_CACHE_DIR=kernel_cache,
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
     )
