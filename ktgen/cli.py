@@ -29,6 +29,7 @@ import numpy as np
 from . import isa as isa_mod
 from ._version import __version__
 from .compiler import CacheError, CompilerError
+from .runtime import usable_cores
 
 # Memory rule of check and bench: the whole layer runs when its bf16 base weights fit the
 # budget, else a subset of experts at the real hidden and intermediate sizes.
@@ -86,12 +87,6 @@ def _layer_bytes(spec, experts: int | None = None) -> int:
     e = spec.expert_num if experts is None else experts
     return 3 * e * spec.hidden_size * spec.intermediate_size * 2
 
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _cpu_model() -> str:
@@ -199,7 +194,7 @@ def _random_bf16(shape, count: int, std: float, seed: int, tag: int, threads: in
 
 def _random_weights(spec, seed: int, std: float = WEIGHT_STD):
     E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
-    n = _usable_cores()
+    n = usable_cores()
     return (_random_bf16((I, H), E, std, seed, 1, n),
             _random_bf16((I, H), E, std, seed, 2, n),
             _random_bf16((H, I), E, std, seed, 3, n))
@@ -291,7 +286,7 @@ def cmd_info(args) -> int:
     src = "KTGEN_CACHE_DIR" if os.environ.get("KTGEN_CACHE_DIR") else "default; KTGEN_CACHE_DIR not set"
     _out(f"cache dir:  {cfg.cache_dir} ({src}); {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
          f"{_fmt_bytes(size)}")
-    cores = _usable_cores()
+    cores = usable_cores()
     _out(f"cores:      {cores} usable (of {os.cpu_count()} online); threads per partition default "
          f"to usable / tp_count")
     from . import numa
@@ -466,18 +461,23 @@ def _kernel_line(moe, seconds: float, reason: str) -> str:
     return f"  kernel: {k.isa} tier ({reason}), {how}; {moe.threads} thread(s) per partition"
 
 
-def cmd_check(args) -> int:
-    from . import reference
-
+def _prepare(command: str, args):
+    """The spec (a subset of experts where the layer does not fit), T, and the tier, announced."""
     spec = _load_spec(args.spec)
     tier, reason = isa_mod.choose(_requested_isa(args, spec))
     plan = _plan(spec, args.experts)
     spec = plan.spec
     T = min(args.qlen, spec.max_len)
-    _out(f"ktgen check: spec {spec.name} ({_describe_spec(plan.full)})",
-         f"  {plan.note}")
+    _out(f"ktgen {command}: spec {spec.name} ({_describe_spec(plan.full)})", f"  {plan.note}")
     if T != args.qlen:
         _out(f"  --qlen {args.qlen} capped at the spec's max_len {spec.max_len}")
+    return spec, plan, T, tier, reason
+
+
+def cmd_check(args) -> int:
+    from . import reference
+
+    spec, plan, T, tier, reason = _prepare("check", args)
     _out(f"  T={T} tokens, seed {args.seed}: weights and LoRA std {WEIGHT_STD}, activations std "
          f"{ACTIVATION_STD}, random top-{spec.num_experts_per_tok} routing")
     rng = np.random.default_rng(args.seed)
@@ -623,16 +623,9 @@ def _torch_baseline(spec, x, ids, rw, grad_out, gate, up, down, lora, repeat: in
 
 
 def cmd_bench(args) -> int:
-    spec = _load_spec(args.spec)
-    tier, reason = isa_mod.choose(_requested_isa(args, spec))
-    plan = _plan(spec, args.experts)
-    spec = plan.spec
-    T = min(args.qlen, spec.max_len)
+    spec, plan, T, tier, reason = _prepare("bench", args)
     R = args.repeat
     k, H, I = spec.num_experts_per_tok, spec.hidden_size, spec.intermediate_size
-    _out(f"ktgen bench: spec {spec.name} ({_describe_spec(plan.full)})", f"  {plan.note}")
-    if T != args.qlen:
-        _out(f"  --qlen {args.qlen} capped at the spec's max_len {spec.max_len}")
     rng = np.random.default_rng(args.seed)
     from .runtime import MoE
     gate, up, down = _random_weights(spec, args.seed)
@@ -645,9 +638,9 @@ def cmd_bench(args) -> int:
 
     gflop = 2 * 3 * T * k * H * I / 1e9     # base GEMMs of one forward; backward the same again
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    busy = " (busy machine: timings are noisy)" if load > 0.5 * _usable_cores() + 0.5 else ""
+    busy = " (busy machine: timings are noisy)" if load > 0.5 * usable_cores() + 0.5 else ""
     _out(f"  T={T} tokens, top-{k} routing; median of {R} run(s) after 1 warm-up; "
-         f"load average {load:.1f} on {_usable_cores()} cores{busy}",
+         f"load average {load:.1f} on {usable_cores()} cores{busy}",
          f"  GFLOP/s count the base GEMMs only, LoRA excluded: forward 2*3*T*k*H*I = {gflop:.2f} GFLOP, "
          f"backward the same again (the transposed products)")
 
