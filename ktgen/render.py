@@ -83,6 +83,8 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
     if tier not in BLOCKING:
         raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
     prefix = f"ktgen_{spec.name}"
+    emulate = emulate and tier in EMULABLE
+    vnni = vnni or (emulate and tier == "avx512")  # the emulation has vpdpbusd too
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -94,7 +96,9 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         version=__version__,
         tier=tier,
         vnni=vnni,
-        emulate=emulate and tier in EMULABLE,
+        emulate=emulate,
+        # int8 weights times per-token int8 activations with vpdpbusd in the forward GEMMs
+        int8_vnni=spec.quant.mode == "int8" and vnni and tier == "avx512",
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,

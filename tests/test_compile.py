@@ -249,7 +249,7 @@ def test_unknown_tier_raises_isa_error(monkeypatch):
         ktgen.compile(PROBE.replace(name="compile_isa"))
 
 
-@pytest.mark.parametrize("case", ["awkward_f32", "qwen_tp2_bf16_vnni"])
+@pytest.mark.parametrize("case", ["awkward_f32", "qwen_tp2_bf16_vnni", "awkward_int8_vnni", "amx_awq"])
 def test_avx512_source_compiles_with_gcc(tmp_path, case):
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -257,8 +257,11 @@ def test_avx512_source_compiles_with_gcc(tmp_path, case):
     spec, vnni = {
         "awkward_f32": (awkward_spec("float32"), False),
         "qwen_tp2_bf16_vnni": (qwen_spec("tp2-bf16"), True),
+        "awkward_int8_vnni": (awkward_spec("float32").replace(quant={"mode": "int8"}), True),
+        "amx_awq": (awkward_spec("float32").replace(quant={"mode": "awq", "group_size": 32}), False),
     }[case]
-    r = render(spec, "avx512", vnni=vnni)
+    tier = "amx" if case.startswith("amx") else "avx512"
+    r = render(spec, tier, vnni=vnni)
     (tmp_path / r.header_name).write_text(r.header)
     src = tmp_path / f"{spec.name}.c"
     src.write_text(r.source)
@@ -266,6 +269,8 @@ def test_avx512_source_compiles_with_gcc(tmp_path, case):
            "-std=gnu11", "-Wall", "-I", str(tmp_path), "-c", str(src), "-o", str(tmp_path / "k.o")]
     if vnni:
         cmd.insert(-4, "-mavx512vnni")
+    if tier == "amx":
+        cmd[2:2] = ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "k.o").stat().st_size > 0

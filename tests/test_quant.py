@@ -274,3 +274,13 @@ def test_prequantized_of_another_mode_or_group_is_refused():
         ktgen.MoE(spec, gate, up, quant.quantize(gate, "awq", 32))
     with pytest.raises(ValueError, match="gate: pre-quantized int8"):
         ktgen.MoE(qspec("bf16", None), quant.quantize(gate, "int8"), up, down)
+
+
+def test_int8_forward_uses_vnni_where_the_tier_has_it():
+    spec = qspec("int8", None)
+    with_vnni = ktgen.render.render(spec, "avx512", vnni=True).source
+    assert "_mm512_dpbusd_epi32" in with_vnni and "dot_i8_rows(mr, a, as, &wg" in with_vnni
+    assert "dot_i8_rows" not in ktgen.render.render(spec, "avx512", vnni=False).source
+    assert "dot_i8_rows" not in ktgen.render.render(qspec("bf16", None), "avx512", vnni=True).source
+    # the avx512 emulation has vpdpbusd too, so the VNNI path is what RUN_TIERS' avx512 tests run
+    assert "dot_i8_rows(mr, a, as, &wg" in ktgen.render.render(spec, "avx512", emulate=True).source
