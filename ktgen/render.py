@@ -99,6 +99,8 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         emulate=emulate,
         # int8 weights times per-token int8 activations with vpdpbusd in the forward GEMMs
         int8_vnni=spec.quant.mode == "int8" and vnni and tier == "avx512",
+        # int8 weights times per-token int8 activations with TDPBUSD in the forward GEMMs
+        int8_tiles=spec.quant.mode == "int8" and tier == "amx",
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,

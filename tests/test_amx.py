@@ -139,3 +139,12 @@ def test_native_amx_agrees_with_the_emulation_to_the_bit(mode):
         files[emulate] = np.load(path)
     for key in files["0"].files:
         np.testing.assert_array_equal(files["0"][key], files["1"][key], err_msg=key)
+
+
+def test_int8_forward_runs_on_tdpbusd():
+    spec = amx_spec("int8", True, 1)
+    native = ktgen.render.render(spec, "amx").source
+    emulated = ktgen.render.render(spec, "amx", emulate=True).source
+    assert "_tile_dpbusd" in native and "tile_dpbusd(" in emulated
+    assert native.count("amx_expert_i8(") == emulated.count("amx_expert_i8(") >= 3
+    assert "amx_expert_i8(" not in ktgen.render.render(amx_spec("bf16", True, 1), "amx").source

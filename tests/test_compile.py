@@ -249,7 +249,8 @@ def test_unknown_tier_raises_isa_error(monkeypatch):
         ktgen.compile(PROBE.replace(name="compile_isa"))
 
 
-@pytest.mark.parametrize("case", ["awkward_f32", "qwen_tp2_bf16_vnni", "awkward_int8_vnni", "amx_awq"])
+@pytest.mark.parametrize("case", ["awkward_f32", "qwen_tp2_bf16_vnni", "awkward_int8_vnni", "amx_awq",
+                                  "amx_int8"])
 def test_avx512_source_compiles_with_gcc(tmp_path, case):
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -259,6 +260,7 @@ def test_avx512_source_compiles_with_gcc(tmp_path, case):
         "qwen_tp2_bf16_vnni": (qwen_spec("tp2-bf16"), True),
         "awkward_int8_vnni": (awkward_spec("float32").replace(quant={"mode": "int8"}), True),
         "amx_awq": (awkward_spec("float32").replace(quant={"mode": "awq", "group_size": 32}), False),
+        "amx_int8": (awkward_spec("float32").replace(quant={"mode": "int8"}), False),
     }[case]
     tier = "amx" if case.startswith("amx") else "avx512"
     r = render(spec, tier, vnni=vnni)
