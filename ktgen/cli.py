@@ -464,6 +464,10 @@ def _kernel_line(moe, seconds: float, reason: str) -> str:
 def _prepare(command: str, args):
     """The spec (a subset of experts where the layer does not fit), T, and the tier, announced."""
     spec = _load_spec(args.spec)
+    if getattr(args, "mode", None):
+        spec = spec.replace(quant={"mode": args.mode})  # that mode's default group size
+    if getattr(args, "tp", None):
+        spec = spec.replace(tp_count=args.tp)
     tier, reason = isa_mod.choose(_requested_isa(args, spec))
     plan = _plan(spec, args.experts)
     spec = plan.spec
@@ -657,6 +661,10 @@ def cmd_bench(args) -> int:
         parts["backward"].append((t2 - t1) * 1e3)
 
     train_ms, train_all = _median_ms(train, R)
+    # the forward reads every weight of each expert that has a token once
+    active = len(np.unique(ids[ids >= 0]))
+    weight_bytes = moe.memory()["base_weights"]
+    streamed_gbs = weight_bytes * active / spec.expert_num / (fwd_ms * 1e-3) / 1e9
     ft_ms = statistics.median(parts["forward_train"][1:])
     bw_ms = statistics.median(parts["backward"][1:])
     roof = _gemm_roof(R)
@@ -665,6 +673,9 @@ def cmd_bench(args) -> int:
         return flop / ms * 1e3 if ms > 0 else float("nan")
 
     res = {
+        "base_weights_bytes": weight_bytes,
+        "active_experts": active,
+        "forward_weight_stream_gbs": streamed_gbs,
         "spec": plan.full.name, "expert_num": spec.expert_num, "full_expert_num": plan.full.expert_num,
         "subset": plan.subset, "memory_note": plan.note, "tokens": T, "k": k, "hidden_size": H,
         "intermediate_size": I, "lora_rank": spec.lora.rank if spec.lora else 0,
@@ -688,7 +699,7 @@ def cmd_bench(args) -> int:
         has_torch = True
     except ImportError:
         has_torch = False
-    if has_torch:
+    if has_torch and not args.no_torch:
         _out("  running the PyTorch eager bf16 baseline ...")
         torch_res = _torch_baseline(spec, x, ids, rw, grad_out, gate, up, down, lora, R, moe.threads)
         torch_res["forward_gflops"] = gf(gflop, torch_res["forward_ms"])
@@ -708,6 +719,8 @@ def cmd_bench(args) -> int:
     row("  of which forward_train", ft_ms, gf(gflop, ft_ms))
     row("  of which backward", bw_ms, kt["backward_gflops"])
     row("numpy fp32 GEMM 2048^3 (the roof)", roof["ms"], roof["gflops"])
+    _out(f"  forward streams the weights of {active} of {spec.expert_num} experts "
+         f"({_fmt_bytes(weight_bytes * active // spec.expert_num)}) at {streamed_gbs:.1f} GB/s")
     if torch_res:
         def runs(key):
             n = len(torch_res[key])
@@ -721,7 +734,8 @@ def cmd_bench(args) -> int:
         _out(f"  (torch: per-expert loop with LoRA as PEFT runs it, {torch_res['threads']} threads, "
              f"autograd backward)")
     else:
-        _out("  (PyTorch is not installed: no eager baseline; pip install torch to compare)")
+        _out("  (PyTorch baseline skipped: --no-torch)" if args.no_torch else
+             "  (PyTorch is not installed: no eager baseline; pip install torch to compare)")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -804,6 +818,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--isa", help=isa_help)
     s.add_argument("--experts", type=_positive, metavar="N",
                    help="check N experts at the real shapes (default: all when they fit in memory, else 16)")
+    s.add_argument("--mode", choices=("bf16", "int8", "awq", "k2"),
+                   help="override the spec's quant.mode (with that mode's default group size)")
+    s.add_argument("--tp", type=_positive, metavar="N", help="override the spec's tp_count")
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("bench", help="forward / backward time and GFLOP/s, against PyTorch eager when installed")
@@ -815,6 +832,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
     s.add_argument("--experts", type=_positive, metavar="N",
                    help="bench N experts at the real shapes (default: all when they fit in memory, else 16)")
+    s.add_argument("--mode", choices=("bf16", "int8", "awq", "k2"),
+                   help="override the spec's quant.mode (with that mode's default group size)")
+    s.add_argument("--tp", type=_positive, metavar="N", help="override the spec's tp_count")
+    s.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("cache", help="list or clear the kernel cache (KTGEN_CACHE_DIR)")

@@ -15,15 +15,16 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 # Register blocking of the micro-kernels per tier (see moe.c.j2): dot form mr x nr
 # accumulators, broadcast form mr rows x kv vectors. Chosen to fit the register file
-# (16 vector registers for avx2, 32 for avx512) with room for the weight vectors.
+# (16 vector registers for avx2, 32 for avx512) with room for the weight vectors; the avx2
+# numbers are the fastest of those measured at qwen3-30b-a3b's layer (benchmarks/).
 # Broadcast tiles are 32 columns wide on every tier: hidden and intermediate sizes are
 # only guaranteed to be multiples of 32.
 BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_kv=32),
-    "avx2": dict(dot_mr=2, dot_nr=4, bc_mr=2, bc_kv=4),
-    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=8, bc_kv=2),
+    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=3, bc_kv=4),
+    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_kv=2),
     # amx: the base GEMMs run on tiles; the rest is the avx512 tier's vector code.
-    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=8, bc_kv=2),
+    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_kv=2),
 }
 
 
