@@ -102,6 +102,9 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         int8_vnni=spec.quant.mode == "int8" and vnni and tier == "avx512",
         # int8 weights times per-token int8 activations with TDPBUSD in the forward GEMMs
         int8_tiles=spec.quant.mode == "int8" and tier == "amx",
+        # quantized weights in the fp32 dot form: dequantized into panels once per work item
+        panel_dot=spec.quant.mode != "bf16" and tier != "amx"
+        and not (spec.quant.mode == "int8" and vnni and tier == "avx512"),
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,
