@@ -468,7 +468,8 @@ def _prepare(command: str, args):
         spec = spec.replace(quant={"mode": args.mode})  # that mode's default group size
     if getattr(args, "tp", None):
         spec = spec.replace(tp_count=args.tp)
-    tier, reason = isa_mod.choose(_requested_isa(args, spec))
+    from .settings import settings
+    tier, reason = isa_mod.choose(_requested_isa(args, spec), emulated=settings().emulate)
     plan = _plan(spec, args.experts)
     spec = plan.spec
     T = min(args.qlen, spec.max_len)

@@ -211,7 +211,12 @@ def _ensure_cache_dir(cache_dir: Path) -> None:
 def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - the public name (§4)
     """Render, compile (or find in the cache) and load the kernel of `spec`."""
     cfg = settings()
-    tier, reason = isa_mod.choose(isa or cfg.isa or spec.isa, emulated=cfg.emulate)
+    requested = isa or cfg.isa or spec.isa
+    try:
+        tier, reason = isa_mod.choose(requested, emulated=cfg.emulate)
+    except isa_mod.ISAError as exc:
+        source = "isa argument" if isa else "KTGEN_ISA" if cfg.isa else f"spec {spec.name}'s isa"
+        raise isa_mod.ISAError(f"{source} {requested!r}: {exc}") from exc
     emulate = tier in cfg.emulate
     rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier), emulate=emulate)
     flags = build_flags(tier, cfg.sanitize, emulate)
