@@ -86,6 +86,7 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
     prefix = f"ktgen_{spec.name}"
     emulate = emulate and tier in EMULABLE
     vnni = vnni or (emulate and tier == "avx512")  # the emulation has vpdpbusd too
+    int8_vnni = spec.quant.mode == "int8" and vnni and tier == "avx512"
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -99,12 +100,11 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         vnni=vnni,
         emulate=emulate,
         # int8 weights times per-token int8 activations with vpdpbusd in the forward GEMMs
-        int8_vnni=spec.quant.mode == "int8" and vnni and tier == "avx512",
+        int8_vnni=int8_vnni,
         # int8 weights times per-token int8 activations with TDPBUSD in the forward GEMMs
         int8_tiles=spec.quant.mode == "int8" and tier == "amx",
         # quantized weights in the fp32 dot form: dequantized into panels once per work item
-        panel_dot=spec.quant.mode != "bf16" and tier != "amx"
-        and not (spec.quant.mode == "int8" and vnni and tier == "avx512"),
+        panel_dot=spec.quant.mode != "bf16" and tier != "amx" and not int8_vnni,
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,
