@@ -13,18 +13,17 @@ from .spec import MoESpec
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# Register blocking of the micro-kernels per tier (see moe.c.j2): dot form mr x nr
-# accumulators, broadcast form mr rows x kv vectors. Chosen to fit the register file
-# (16 vector registers for avx2, 32 for avx512) with room for the weight vectors; the avx2
-# numbers are the fastest of those measured at qwen3-30b-a3b's layer (benchmarks/).
-# Broadcast tiles are 32 columns wide on every tier: hidden and intermediate sizes are
-# only guaranteed to be multiples of 32.
+# Register blocking of each tier's micro-kernels (see moe.c.j2). Broadcast form (the
+# forward): bc_mr activation rows x bc_nr panel columns of accumulators; dot form (the
+# backward's transposed products): dot_mr rows x dot_nr outputs, each a vector of partial
+# sums. Both fill the register file (16 vector registers for avx2, 32 for avx512) with room
+# for the operands; bc_nr and dot_nr divide the 32 columns of a panel.
 BLOCKING = {
-    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_kv=32),
-    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=3, bc_kv=4),
-    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_kv=2),
-    # amx: the base GEMMs run on tiles; the rest is the avx512 tier's vector code.
-    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_kv=2),
+    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8),
+    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16),
+    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
+    # amx: the forward GEMMs run on tiles; the backward is the avx512 tier's vector code.
+    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
 }
 
 
@@ -86,7 +85,11 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
     prefix = f"ktgen_{spec.name}"
     emulate = emulate and tier in EMULABLE
     vnni = vnni or (emulate and tier == "avx512")  # the emulation has vpdpbusd too
-    int8_vnni = spec.quant.mode == "int8" and vnni and tier == "avx512"
+    mode = spec.quant.mode
+    int8_vnni = mode == "int8" and vnni and tier == "avx512"
+    # Packed panel layout (weights.h.j2): k interleaved by 2 (bf16 pairs) for the tiles, by 4
+    # (int8 quads) for vpdpbusd and TDPBUSD, else plain K-major.
+    pack = 2 if (tier == "amx" and mode == "bf16") else 4 if (mode == "int8" and (tier == "amx" or int8_vnni)) else 1
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -99,12 +102,14 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         tier=tier,
         vnni=vnni,
         emulate=emulate,
-        # int8 weights times per-token int8 activations with vpdpbusd in the forward GEMMs
+        # int8 weights times per-token u8 activations with vpdpbusd in the forward GEMMs
         int8_vnni=int8_vnni,
-        # int8 weights times per-token int8 activations with TDPBUSD in the forward GEMMs
-        int8_tiles=spec.quant.mode == "int8" and tier == "amx",
-        # quantized weights in the fp32 dot form: dequantized into panels once per work item
-        panel_dot=spec.quant.mode != "bf16" and tier != "amx" and not int8_vnni,
+        # int8 activations in the forward (vpdpbusd or TDPBUSD)
+        int8_acts=pack == 4,
+        pack=pack,
+        int4=mode in ("awq", "k2"),
+        # int4 panels dequantized to bf16 pairs once per work item, for the tiles
+        amx_dequant=tier == "amx" and mode in ("awq", "k2"),
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,

@@ -360,15 +360,14 @@ class MoE:
 
     def memory(self) -> dict[str, int]:
         """Bytes: base_weights held by the kernels, cache (the reserved saved-forward slots),
-        workspace (the transient peak of one backward at max_len), and their total."""
+        workspace (each context's buffers for a call at max_len, allocated once and reused),
+        and their total. Slots and workspace are address space until a call touches them."""
         spec = self.spec
         tp = spec.tp_count
         fn = self.kernel.fn
         weights = int(fn("weight_bytes")()) * tp
         cache = int(fn("slot_bytes")()) * spec.max_cache_depth * tp
-        T, H, I = spec.max_len, spec.hidden_size, spec.intermediate_per_partition
-        n = T * spec.num_experts_per_tok
-        workspace = tp * 4 * (2 * T * H + 4 * n * I + n * H)
+        workspace = int(fn("workspace_bytes")(self.threads)) * tp
         return {"base_weights": weights, "workspace": workspace, "cache": cache,
                 "total": weights + workspace + cache}
 
