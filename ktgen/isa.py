@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-TIERS = ("amx", "avx512", "avx2", "generic")
+TIERS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
 
 
 class ISAError(RuntimeError):
@@ -33,6 +33,13 @@ _TIERS = {
         "avx512",
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
         ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+    ),
+    # AVX512_BF16 (Cooper Lake, Sapphire Rapids and later without tile permission, AMD Zen 4/5):
+    # the bf16 forward GEMMs on vdpbf16ps, the rest as the avx512 tier.
+    "avx512bf16": Tier(
+        "avx512bf16",
+        ("avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"),
     ),
     "amx": Tier(
         "amx",
@@ -82,7 +89,10 @@ def missing_features(name: str, flags: frozenset[str] | None = None) -> list[str
     return [f for f in tier(name).requires if f not in flags]
 
 
-EMULATION_VARS = {"amx": "KTGEN_EMULATE_AMX", "avx512": "KTGEN_EMULATE_AVX512"}
+# The tiers that run through a software emulation of their instructions (bit for bit what the
+# hardware computes), and the variable that turns it on; listed here only.
+EMULATION_VARS = {"amx": "KTGEN_EMULATE_AMX", "avx512bf16": "KTGEN_EMULATE_AVX512BF16",
+                  "avx512": "KTGEN_EMULATE_AVX512"}
 
 
 def compile_flags(name: str, flags: frozenset[str] | None = None, emulate: bool = False) -> tuple[str, ...]:
@@ -92,7 +102,7 @@ def compile_flags(name: str, flags: frozenset[str] | None = None, emulate: bool 
     if emulate:
         return ("-O1",)
     flags = cpu_flags() if flags is None else flags
-    extra = ("-mavx512vnni",) if name == "avx512" and "avx512_vnni" in flags else ()
+    extra = ("-mavx512vnni",) if name in ("avx512", "avx512bf16") and "avx512_vnni" in flags else ()
     return tier(name).flags + extra
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from ._version import __version__
+from .isa import EMULATION_VARS
 from .spec import MoESpec
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -22,13 +23,15 @@ BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8),
     "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16),
     "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
+    # avx512bf16: bf16 forward GEMMs on vdpbf16ps, 12 rows x 32 columns; the rest as avx512.
+    "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
     # amx: the forward GEMMs run on tiles; the backward is the avx512 tier's vector code.
     "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
 }
 
 
 # Vector width (floats) of each tier's micro-kernels.
-VECTOR_WIDTH = {"generic": 1, "avx2": 8, "avx512": 16, "amx": 16}
+VECTOR_WIDTH = {"generic": 1, "avx2": 8, "avx512": 16, "avx512bf16": 16, "amx": 16}
 
 
 def load_params(mode: str) -> list[tuple[str, str]]:
@@ -74,7 +77,7 @@ def _c_float(x: float) -> str:
     return repr(float(x))
 
 
-EMULABLE = ("amx", "avx512")
+EMULABLE = tuple(EMULATION_VARS)
 
 
 def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) -> Rendered:
@@ -84,12 +87,13 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
     prefix = f"ktgen_{spec.name}"
     emulate = emulate and tier in EMULABLE
-    vnni = vnni or (emulate and tier == "avx512")  # the emulation has vpdpbusd too
+    vnni = vnni or (emulate and tier in ("avx512", "avx512bf16"))  # the emulation has vpdpbusd too
     mode = spec.quant.mode
-    int8_vnni = mode == "int8" and vnni and tier == "avx512"
+    int8_vnni = mode == "int8" and vnni and tier in ("avx512", "avx512bf16")
     # Packed panel layout (weights.h.j2): k interleaved by 2 (bf16 pairs) for the tiles, by 4
     # (int8 quads) for vpdpbusd and TDPBUSD, else plain K-major.
-    pack = 2 if (tier == "amx" and mode == "bf16") else 4 if (mode == "int8" and (tier == "amx" or int8_vnni)) else 1
+    bf16_pairs = mode == "bf16" and tier in ("amx", "avx512bf16")
+    pack = 2 if bf16_pairs else 4 if (mode == "int8" and (tier == "amx" or int8_vnni)) else 1
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -107,6 +111,8 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
         # int8 activations in the forward (vpdpbusd or TDPBUSD)
         int8_acts=pack == 4,
         pack=pack,
+        # bf16 weights times bf16 activation pairs with vdpbf16ps in the forward GEMMs
+        bf16_dp=mode == "bf16" and tier == "avx512bf16",
         int4=mode in ("awq", "k2"),
         # int4 panels dequantized to bf16 pairs once per work item, for the tiles
         amx_dequant=tier == "amx" and mode in ("awq", "k2"),
@@ -137,7 +143,7 @@ def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) 
     env = _env()
     api = env.get_template("api.h.j2").render(**ctx)
     header = env.get_template("header.h.j2").render(api=api, **ctx)
-    vector_tier = "vec16" if ctx["emulate"] else {"amx": "avx512"}.get(tier, tier)
+    vector_tier = "vec16" if ctx["emulate"] else {"amx": "avx512", "avx512bf16": "avx512"}.get(tier, tier)
     tier_source = env.get_template(f"tier_{vector_tier}.h.j2").render(**ctx)
     ctx["amx_source"] = env.get_template("amx.h.j2").render(**ctx) if tier == "amx" else ""
     weights_source = env.get_template("weights.h.j2").render(**ctx)

@@ -6,14 +6,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .isa import EMULATION_VARS
+
 
 @dataclass(frozen=True)
 class Settings:
     cache_dir: Path          # KTGEN_CACHE_DIR, default ~/.cache/ktgen
     isa: str | None          # KTGEN_ISA: forces a tier over the spec's `auto`
     cc: str                  # KTGEN_CC: the C compiler
-    emulate: frozenset[str]  # tiers run through the software emulation: KTGEN_EMULATE_AMX=1 (amx),
-                             # KTGEN_EMULATE_AVX512=1 (avx512, for tests on CPUs without it)
+    emulate: frozenset[str]  # tiers run through the software emulation (isa.EMULATION_VARS:
+                             # KTGEN_EMULATE_AMX=1, KTGEN_EMULATE_AVX512BF16=1, KTGEN_EMULATE_AVX512=1)
     sanitize: tuple[str, ...]  # KTGEN_SANITIZE=address,undefined: build kernels with sanitizers
 
 
@@ -24,7 +26,6 @@ def settings() -> Settings:
         cache_dir=Path(cache).expanduser(),
         isa=env.get("KTGEN_ISA") or None,
         cc=env.get("KTGEN_CC") or env.get("CC") or "cc",
-        emulate=frozenset(tier for tier, var in (("amx", "KTGEN_EMULATE_AMX"), ("avx512", "KTGEN_EMULATE_AVX512"))
-                          if env.get(var, "") not in ("", "0")),
+        emulate=frozenset(tier for tier, var in EMULATION_VARS.items() if env.get(var, "") not in ("", "0")),
         sanitize=tuple(sorted(s.strip() for s in env.get("KTGEN_SANITIZE", "").split(",") if s.strip())),
     )

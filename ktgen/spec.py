@@ -114,7 +114,7 @@ class MoESpec(_SpecModel):
     lora: LoRASpec | None = LoRASpec()
     tp_count: int = Field(default=1, ge=1)
     max_cache_depth: int = Field(default=2, ge=1)
-    isa: Literal["auto", "amx", "avx512", "avx2", "generic"] = "auto"
+    isa: Literal["auto", "amx", "avx512bf16", "avx512", "avx2", "generic"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")

@@ -18,12 +18,14 @@ from ktgen.render import BLOCKING
 
 bf16 = ml_dtypes.bfloat16
 
-# Tiers rendered by ktgen that this CPU runs natively, plus avx512 through its software
-# emulation (KTGEN_EMULATE_AVX512=1, bit-exact with native) on a CPU without AVX-512, so that
-# every tier's kernels are tested everywhere. amx has tests of its own (test_amx.py).
+# Tiers rendered by ktgen that this CPU runs natively, plus avx512 and avx512bf16 through their
+# software emulation (KTGEN_EMULATE_AVX512=1, KTGEN_EMULATE_AVX512BF16=1, bit-exact with native)
+# on a CPU without them, so that every tier's kernels are tested everywhere. amx has tests of
+# its own (test_amx.py).
 NATIVE_TIERS = [t for t in isa.available_tiers() if t in BLOCKING and t != "amx"]
-EMULATED_AVX512 = "avx512" not in NATIVE_TIERS
-RUN_TIERS = NATIVE_TIERS + (["avx512"] if EMULATED_AVX512 else [])
+EMULATED = [t for t in ("avx512bf16", "avx512") if t not in NATIVE_TIERS]
+EMULATED_AVX512 = "avx512" in EMULATED
+RUN_TIERS = NATIVE_TIERS + EMULATED
 ALL_TIERS = list(BLOCKING)
 
 
@@ -35,8 +37,8 @@ def kernel_cache(tmp_path_factory):
     os.environ["KTGEN_CACHE_DIR"] = path
     os.environ.pop("KTGEN_ISA", None)
     os.environ.pop("KTGEN_EMULATE_AMX", None)
-    if EMULATED_AVX512:
-        os.environ["KTGEN_EMULATE_AVX512"] = "1"
+    for tier in EMULATED:
+        os.environ[isa.EMULATION_VARS[tier]] = "1"
     yield path
     if old is None:
         os.environ.pop("KTGEN_CACHE_DIR", None)

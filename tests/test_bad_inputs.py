@@ -561,7 +561,7 @@ AVX2_ONLY = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})
 
 
 def no_emulation(ctx):
-    for var in ("KTGEN_EMULATE_AMX", "KTGEN_EMULATE_AVX512"):
+    for var in ktgen.isa.EMULATION_VARS.values():
         ctx.monkeypatch.delenv(var, raising=False)
 
 
@@ -583,7 +583,7 @@ def _(ctx):
 
 
 @case("isa-unknown-env", "KTGEN_ISA set to an unknown tier", ktgen.ISAError,
-      "unknown ISA tier 'sse9'; known tiers: amx, avx512, avx2, generic")
+      "unknown ISA tier 'sse9'; known tiers: amx, avx512bf16, avx512, avx2, generic")
 def _(ctx):
     ctx.monkeypatch.setenv("KTGEN_ISA", "sse9")
     ktgen.compile(fresh_spec("rel_isa"))
