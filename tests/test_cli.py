@@ -101,17 +101,23 @@ def test_bench_tiny_writes_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
     rc, out, err = run(capsys, "bench", "tiny", "--qlen", "32", "--repeat", "1", "--json", str(path))
     assert rc == 0, out + err
-    assert "GFLOP/s" in out and "LoRA excluded" in out and "fp32 GEMM" in out
+    assert "GFLOP/s" in out and "LoRA excluded" in out and "(the roof)" in out and "read bandwidth" in out
     data = json.loads(path.read_text())
     assert data["tokens"] == 32 and data["expert_num"] == 8
-    assert data["ktgen"]["forward_ms"] > 0 and data["ktgen"]["train_ms"] > 0
-    assert data["fp32_gemm_roof"]["gflops"] > 0
+    kt = data["ktgen"]
+    assert kt["forward_ms"] > 0 and kt["train_ms"] > 0
+    assert data["fp32_gemm_roof"]["gflops"] > 0 and data["read_bandwidth_gbs"] > 0
+    assert 0 < kt["forward_stream_vs_bandwidth"]
     try:
         import torch  # noqa: F401
     except ImportError:
-        assert data["torch"] is None
+        assert not data["baselines"].get("measurements")
     else:
-        assert data["torch"]["forward_speedup"] > 0
+        base = data["baselines"]
+        assert base["best_forward"]["name"] in out and base["best_train"]["name"] in out
+        assert kt["speedup_vs_best_forward"] == base["best_forward"]["ms"] / kt["forward_ms"]
+        assert kt["speedup_vs_best_train"] > 0
+        assert {"eager_bf16_forward", "grouped_mm_bf16_forward", "eager_fp32_train"} <= set(base["measurements"])
 
 
 def test_cache_list_and_clear(capsys, monkeypatch, tmp_path):
