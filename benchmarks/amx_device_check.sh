@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
-# The amx tier's native check, in one command, on a machine with AMX (Sapphire Rapids or later):
-# the CPU's AMX flags, the amx tests run natively (including native == emulated to the bit),
-# then forward and backward of qwen3-30b-a3b at T=2048 on the amx and avx512 tiers.
-#   bash benchmarks/amx_device_check.sh
+# The amx and avx512bf16 tiers' native check, in one command, on a machine with AMX (Sapphire
+# Rapids or later):
+#   bash benchmarks/amx_device_check.sh [OUT_DIR]
+# 1. the CPU's flags; 2. the native tests of amx and avx512bf16, native == emulated to the bit
+# included; 3. `ktgen bench qwen3-30b-a3b` at T = 128, 512 and 2048 on amx, avx512bf16 and avx512,
+# the PyTorch baselines and the torch bf16 / fp32 matmul roofs in the amx run of each T, every
+# figure written as JSON to OUT_DIR (default bench-out/). About 5 minutes on 16 cores.
+#
+# Nothing is fetched from the network. Python packages the machine lacks come as wheels in a
+# folder of the working tree that .git/info/exclude ignores (e.g. wheels/), brought from a
+# machine with the same Python:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d wheels cffi pycparser pydantic pydantic-core annotated-types typing-inspection typing-extensions
+# This script installs them with `pip --target` and puts the repository on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT="${1:-bench-out}"
+mkdir -p "$OUT"
 echo "== CPU"
 grep -m1 'model name' /proc/cpuinfo
-echo "AMX flags: $(grep -o 'amx[a-z0-9_]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-if [ ! -d .venv ]; then
-    python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[test]'
+echo "flags: $(grep -m1 -o -E '(amx[a-z0-9_]*|avx512_bf16|avx512_fp16|avx512_vnni|avx512f)' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "cores: $(nproc)"
+if ! python3 -c "import cffi, pydantic" 2>/dev/null; then
+    if [ -d wheels ]; then
+        python3 -m pip install -q --no-index --target .pydeps wheels/*.whl
+        export PYTHONPATH="$PWD/.pydeps:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "cffi or pydantic is missing and there is no wheels/ folder: see the header of this script" >&2
+        exit 2
+    fi
 else
-    . .venv/bin/activate
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export KTGEN_CACHE_DIR="${KTGEN_CACHE_DIR:-$(mktemp -d)}"
+KTGEN="python3 -m ktgen"
 echo "== ktgen info"
-ktgen info
-echo "== amx tests (native where the CPU has AMX, and the emulation)"
-python -m pytest -q -rs tests/test_amx.py
+$KTGEN info
+echo "== native tests: amx, avx512bf16 (tiles and lanes against the measured arithmetic, native == emulated)"
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_amx.py tests/test_amx_tiles.py tests/test_avx512bf16.py
 status=$?
-echo "== qwen3-30b-a3b, T=2048"
-for tier in amx avx512; do
-    echo "-- $tier"
-    ktgen bench qwen3-30b-a3b --qlen 2048 --isa "$tier" --repeat 3 || status=1
+for T in 128 512 2048; do
+    for tier in amx avx512bf16 avx512; do
+        echo "== qwen3-30b-a3b, T=$T, $tier"
+        extra="--no-torch"
+        [ "$tier" = amx ] && extra="--torch-budget 5"
+        $KTGEN bench qwen3-30b-a3b --qlen "$T" --isa "$tier" --repeat 3 $extra --json "$OUT/bench-$tier-$T.json" \
+            || status=1
+    done
 done
+echo "== JSON in $OUT/"
 exit $status
