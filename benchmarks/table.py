@@ -2,9 +2,10 @@
 
     python benchmarks/table.py [--spec qwen3-30b-a3b] [--qlen 64 512 2048] [--repeat 3]
 
-One `ktgen bench --json` run per row (each in its own process, so nothing is shared between
-rows), plus a plain memory-bandwidth probe (a NumPy copy of 1 GiB) timed in this process, to
-put the weight-streaming rate of small T next to what the memory can do. Prints markdown.
+One `ktgen bench --json --no-torch` run per row, each in its own process, so nothing is shared
+between rows. Each row gives its run's fp32 GEMM roof and its C-measured multi-threaded read
+bandwidth, next to which the forward's weight stream (the bytes of the experts that have a
+token over the forward time) is put. Prints markdown.
 """
 
 from __future__ import annotations
@@ -14,25 +15,10 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 from ktgen import isa
 from ktgen.render import BLOCKING
-
-
-def copy_bandwidth_gbs(gib: float = 1.0, repeat: int = 3) -> float:
-    """Bytes read plus bytes written per second by a large NumPy copy."""
-    src = np.ones(int(gib * 2**30) // 8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.nbytes / best / 1e9
 
 
 def bench(spec: str, tier: str, mode: str, qlen: int, repeat: int) -> dict:
@@ -53,18 +39,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    print(f"memory copy bandwidth (read + write): {copy_bandwidth_gbs():.1f} GB/s\n")
     print("| tier | mode | T | forward ms | forward GFLOP/s | backward ms | backward GFLOP/s | "
-          "% of fp32 GEMM | weights streamed GB/s | base weights |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "forward / fp32 GEMM | weights streamed GB/s | / read bandwidth | base weights |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for tier in args.tiers:
         for mode in args.modes:
             for qlen in args.qlen:
                 r = bench(args.spec, tier, mode, qlen, args.repeat)
                 k = r["ktgen"]
+                share = k.get("forward_stream_vs_bandwidth")
                 print(f"| {tier} | {mode} | {qlen} | {k['forward_ms']:.0f} | {k['forward_gflops']:.1f} | "
                       f"{k['backward_ms']:.0f} | {k['backward_gflops']:.1f} | "
                       f"{100 * k['forward_vs_roof']:.0f}% | {r['forward_weight_stream_gbs']:.1f} | "
+                      f"{f'{100 * share:.0f}%' if share else '-'} | "
                       f"{r['base_weights_bytes'] / 2**30:.2f} GiB |", flush=True)
 
 
