@@ -6,10 +6,10 @@ from .compiler import CacheError, CompilerError, Kernel, compile
 from .isa import ISAError
 from .runtime import CacheFullError, Grads, KernelError, LoRAWeights, MoE, SavedForward
 from .quant import QuantizedWeights
-from .spec import LoRASpec, MoESpec, QuantSpec, SpecError, bundled_spec_names, load_spec
+from .spec import LORA_NAMES, LoRASpec, MoESpec, QuantSpec, SpecError, bundled_spec_names, load_spec
 
 __all__ = [
     "CacheError", "CacheFullError", "CompilerError", "Grads", "ISAError", "Kernel", "KernelError",
-    "LoRASpec", "LoRAWeights", "MoE", "MoESpec", "QuantSpec", "QuantizedWeights", "SavedForward",
+    "LORA_NAMES", "LoRASpec", "LoRAWeights", "MoE", "MoESpec", "QuantSpec", "QuantizedWeights", "SavedForward",
     "SpecError", "__version__", "bundled_spec_names", "compile", "load_spec", "quant", "reference",
 ]

@@ -55,8 +55,9 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from .spec import LORA_NAMES
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 DEFAULT_REPEAT = 3
 DEFAULT_BUDGET_S = 20.0        # per measurement

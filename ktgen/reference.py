@@ -1,4 +1,4 @@
-"""Float64 NumPy reference (the oracle) for the MoE LoRA layer of CONTRACT.md §2.
+"""Float64 NumPy reference (the oracle) for the MoE LoRA layer (docs/design.md, "The math").
 
 Dimension legend
 ----------------
@@ -35,7 +35,18 @@ expanded to float64 in memory.
 
 import numpy as np
 
-_LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+from .spec import LORA_NAMES
+
+# Accuracy limits on relL2 against this reference (docs/design.md, "Accuracy"): (out, every
+# gradient: input, routing weights and LoRA) per quant mode.
+ACCURACY_LIMITS = {"bf16": (1e-2, 2e-2), "int8": (3e-2, 4e-2), "awq": (3e-2, 4e-2), "k2": (3e-2, 4e-2)}
+
+
+def limits(mode: str) -> tuple[float, float]:
+    """(out limit, gradient limit) of a quant mode."""
+    if mode not in ACCURACY_LIMITS:
+        raise ValueError(f"mode: expected one of {', '.join(ACCURACY_LIMITS)}, got {mode!r}")
+    return ACCURACY_LIMITS[mode]
 
 
 def rel_l2(actual, expected) -> float:
@@ -75,7 +86,7 @@ def _expert_weights(e, gate, up, down, lora):
     Wg, Wu, Wd = _f64(gate[e]), _f64(up[e]), _f64(down[e])
     L = None
     if lora is not None:
-        L = {n: _f64(getattr(lora, n)[e]) for n in _LORA_NAMES}
+        L = {n: _f64(getattr(lora, n)[e]) for n in LORA_NAMES}
     return Wg, Wu, Wd, L
 
 
@@ -153,7 +164,7 @@ def backward(x, expert_ids, routing_weights, gate, up, down, grad_out, lora=None
     dw = np.zeros(ids.shape, dtype=np.float64)
     grads = {"input": dx, "routing_weights": dw}
     if lora is not None:
-        for n in _LORA_NAMES:
+        for n in LORA_NAMES:
             grads[n] = np.zeros(np.shape(getattr(lora, n)), dtype=np.float64)
 
     for e, tok, slot in _routed(ids, E):

@@ -21,7 +21,7 @@ import numpy as np
 from . import numa, quant
 from .compiler import Kernel, compile as compile_kernel
 from .render import load_params
-from .spec import MoESpec
+from .spec import LORA_NAMES, MoESpec  # noqa: F401 - LORA_NAMES is part of this module's API
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -32,9 +32,6 @@ class CacheFullError(RuntimeError):
 
 class KernelError(RuntimeError):
     """A kernel returned an error code."""
-
-
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
 @dataclass

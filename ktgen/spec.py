@@ -39,6 +39,9 @@ SPECS_DIR = Path(__file__).parent / "specs"
 # The first group size AWQ checkpoints use and the one Kimi-K2's int4 release uses.
 DEFAULT_GROUP_SIZE = {"awq": 128, "k2": 32}
 
+# The six LoRA matrices, in the order of every C signature and of ktgen.LoRAWeights.
+LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
 # C symbol names are derived from MoESpec.name, hence the identifier pattern.
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 

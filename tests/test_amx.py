@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -16,11 +15,9 @@ import ktgen
 from ktgen import isa, reference
 from ktgen.reference import rel_l2
 
-from conftest import make_weights
+from helpers import LIMITS, amx_spec, run_layer
 
-bf16 = ml_dtypes.bfloat16
 NATIVE_AMX = not isa.missing_features("amx") and isa.amx_permission()
-LIMITS = {"bf16": (1e-2, 2e-2), "int8": (3e-2, 4e-2), "awq": (3e-2, 4e-2), "k2": (3e-2, 4e-2)}
 
 
 @pytest.fixture
@@ -38,37 +35,6 @@ def amx(request, monkeypatch):
     monkeypatch.setenv("KTGEN_EMULATE_AMX", "1" if request.param == "emulated" else "0")
     monkeypatch.setenv("KTGEN_ISA", "amx")
     return request.param
-
-
-def amx_spec(mode, lora, tp, G=32):
-    q = {"mode": mode} if mode in ("bf16", "int8") else {"mode": mode, "group_size": G}
-    return ktgen.MoESpec(name=f"amx_{mode}", expert_num=5, num_experts_per_tok=2, hidden_size=96,
-                         intermediate_size=128, max_len=64, quant=q, tp_count=tp,
-                         lora={"rank": 3} if lora else None)
-
-
-def tail_routing(rng, E=5):
-    """Experts with 1, 15, 17, 16 and 0 entries: M tails on both sides of a 16-row tile."""
-    flat = np.concatenate([np.full(n, e) for e, n in ((0, 1), (1, 15), (2, 17), (3, 16))])
-    rng.shuffle(flat)  # token order differs from expert order
-    ids = np.full(50, -1)
-    ids[:49] = flat
-    return ids.reshape(25, 2)
-
-
-def run_layer(spec, seed=0, std=0.5):
-    rng = np.random.default_rng(seed)
-    gate, up, down = make_weights(spec, rng, std=std)
-    lw = ktgen.LoRAWeights.random(spec, rng, std=0.3) if spec.lora else None
-    moe = ktgen.MoE(spec, gate, up, down, lw)
-    ids = tail_routing(rng)
-    T = ids.shape[0]
-    x = rng.standard_normal((T, spec.hidden_size), np.float32).astype(bf16)
-    rw = rng.random(ids.shape).astype(np.float32)
-    grad_out = (rng.standard_normal((T, spec.hidden_size)) * 0.1).astype(bf16)
-    out, saved = moe.forward_train(x, ids, rw)
-    grads = moe.backward(saved, grad_out)
-    return moe, (x, ids, rw, grad_out, lw), out, grads
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "awq", "k2"])
@@ -126,7 +92,7 @@ def test_native_amx_agrees_with_the_emulation_to_the_bit(mode):
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_amx import amx_spec, run_layer
+        from helpers import amx_spec, run_layer
         _, _, out, grads = run_layer(amx_spec({mode!r}, True, 2), seed=5)
         np.savez(sys.argv[1], out=out.view(np.uint16), dx=grads.input.view(np.uint16),
                  dw=grads.routing_weights, ga=grads.gate_a, db=grads.down_b)

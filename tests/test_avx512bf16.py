@@ -121,7 +121,7 @@ def test_emulated_layer_matches_the_reference(emulated, mode, tp, lora):
     15, 16 and 17 entries, skipped slots) against the float64 reference."""
     from ktgen import reference
     from ktgen.reference import rel_l2
-    from test_amx import LIMITS, amx_spec, run_layer
+    from helpers import LIMITS, amx_spec, run_layer
 
     spec = amx_spec(mode, lora, tp)
     moe, (x, ids, rw, grad_out, lw), out, grads = run_layer(spec, seed=11)
@@ -149,7 +149,7 @@ def test_native_avx512bf16_agrees_with_the_emulation_to_the_bit(mode, tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np, ktgen
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_amx import amx_spec, run_layer
+        from helpers import amx_spec, run_layer
         spec = amx_spec({mode!r}, True, 2)
         _, _, out, grads = run_layer(spec, seed=7)
         np.savez(sys.argv[1], out=out.view(np.uint16), dx=grads.input.view(np.uint16),

@@ -15,33 +15,9 @@ import pytest
 
 import ktgen
 from ktgen import reference as ref
-from conftest import RUN_TIERS, make_inputs, make_weights
-from test_forward import (
-    AWK_CASES,
-    AWK_MAX_LEN,
-    LORA_KINDS,
-    QWEN_VARIANTS,
-    ROUTINGS,
-    bf16,
-    build,
-    check_out,
-    expected_forward,
-    awkward_spec,
-    lora_std,
-    qwen_spec,
-    routing,
-)
-
-GRAD_TOL = 2e-2
-OUT_TOL = 1e-2
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-
-
-def expected_backward(moe, x, ids, rw, grad_out):
-    spec = moe.spec
-    return ref.backward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
-                        moe.dequantized("down"), grad_out, moe.lora,
-                        spec.lora.scale if spec.lora else 1.0)
+from helpers import (AWK_CASES, AWK_MAX_LEN, GRAD_TOL, LORA_KINDS, LORA_NAMES, OUT_TOL, QWEN_VARIANTS,
+                     ROUTINGS, RUN_TIERS, awkward_spec, bf16, build, check_out, expected_backward,
+                     expected_forward, lora_std, make_inputs, make_weights, qwen_spec, routing)
 
 
 def check_grad_kinds(spec, grads, T):

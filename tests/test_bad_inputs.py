@@ -32,10 +32,10 @@ import pytest
 import ktgen
 from ktgen import compiler, quant
 from ktgen import reference as ref
+from helpers import LORA_NAMES
 
 bf16 = np.dtype(ml_dtypes.bfloat16)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 T = 4
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ktgen import MoESpec, baselines as B, reference
+from helpers import LORA_NAMES
 
 try:
     import torch  # noqa: F401
@@ -21,7 +22,6 @@ except ImportError:
 
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
 
-LORA_NAMES = B.LORA_NAMES
 GRAD_NAMES = ("input", "routing_weights") + LORA_NAMES
 # relL2 against float64: bf16 rounds the activations (and the LoRA matrices, cast to the compute
 # dtype) at every step; fp32 only accumulates float32 rounding.

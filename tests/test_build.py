@@ -163,7 +163,7 @@ def _round_trip(tmp_path: Path, spec, build_dir: Path, link: str, T: int, seed: 
     for name, a in dict(gate=gate, up=up, down=down, x=x, ids=ids, rw=rw, grad_out=grad_out).items():
         np.ascontiguousarray(a).tofile(data / f"{name}.bin")
     if lora is not None:
-        for name in cli.LORA_NAMES:
+        for name in ktgen.LORA_NAMES:
             assert getattr(lora, name).dtype == np.float32
             getattr(lora, name).tofile(data / f"{name}.bin")
 

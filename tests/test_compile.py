@@ -18,8 +18,7 @@ import pytest
 import ktgen
 from ktgen import isa as isa_mod
 from ktgen.render import render
-from conftest import ALL_TIERS, RUN_TIERS
-from test_forward import awkward_spec, qwen_spec
+from helpers import ALL_TIERS, RUN_TIERS, awkward_spec, qwen_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = "manifest.json"

@@ -17,9 +17,8 @@ import threading
 import numpy as np
 
 import ktgen
-from conftest import make_inputs, make_weights
+from helpers import LORA_NAMES, make_inputs, make_weights
 
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 N_THREADS = 4
 STEPS = 12
 

@@ -11,135 +11,13 @@ max_len 100 (tp 1 only), and Qwen3-30B-A3B's H=2048, I=768 cut to E=4, k=2 (tp 1
 
 from __future__ import annotations
 
-import functools
-
-import ml_dtypes
 import numpy as np
 import pytest
 
 import ktgen
 from ktgen import reference as ref
-from conftest import RUN_TIERS, make_inputs, make_weights
-
-bf16 = np.dtype(ml_dtypes.bfloat16)
-OUT_TOL = 1e-2
-
-LORA_KINDS = ["float32", "bfloat16", None]
-# (weight std, activation std): the corners of what real models see (§7).
-MAGNITUDES = [(0.02, 10.0), (1.0, 0.01), (1.0, 10.0), (0.02, 0.01)]
-AWK_MAX_LEN = 100
-AWK_TOKENS = [0, 1, 7, 64, AWK_MAX_LEN]
-# (T, weight std, activation std): every T, two magnitudes each, all four at T = max_len.
-AWK_CASES = [(0, 0.02, 10.0), (0, 1.0, 0.01), (1, 1.0, 0.01), (1, 0.02, 10.0), (7, 1.0, 10.0),
-             (7, 0.02, 0.01), (64, 0.02, 10.0), (64, 1.0, 0.01)] + [
-    (AWK_MAX_LEN, w, x) for w, x in MAGNITUDES]
-assert sorted({c[0] for c in AWK_CASES}) == AWK_TOKENS
-ROUTINGS = ["random", "duplicates", "empty_expert", "one_expert", "one_expert_every_slot",
-            "reversed_order"]
-
-
-# ---- specs (kept identical across test files so the kernels compile once a session) ----
-
-def awkward_spec(lora_dtype, tier="auto"):
-    lora = None if lora_dtype is None else dict(rank=5, dtype=lora_dtype)
-    return ktgen.MoESpec(name="awkward", expert_num=8, num_experts_per_tok=3, hidden_size=96,
-                         intermediate_size=160, max_len=AWK_MAX_LEN, lora=lora, isa=tier)
-
-
-# Qwen3-30B-A3B's layer dims, fewer experts. Per (tier): tp1/f32, tp2/f32, tp2/bf16 (rsLoRA), tp2/none.
-QWEN_VARIANTS = {
-    "tp1-f32": (1, "float32"),
-    "tp2-f32": (2, "float32"),
-    "tp2-bf16": (2, "bfloat16"),
-    "tp2-nolora": (2, None),
-}
-
-
-def qwen_spec(variant, tier="auto"):
-    tp, lora_dtype = QWEN_VARIANTS[variant]
-    if lora_dtype is None:
-        lora = None
-    elif lora_dtype == "bfloat16":
-        lora = dict(rank=16, alpha=8.0, use_rslora=True, dtype="bfloat16")  # s = 8 / 4 = 2
-    else:
-        lora = dict(rank=16, dtype="float32")                                # s = 32 / 16 = 2
-    return ktgen.load_spec("qwen3-30b-a3b").replace(
-        expert_num=4, num_experts_per_tok=2, max_len=16, tp_count=tp, lora=lora, isa=tier)
-
-
-def lora_std(spec, weight_std):
-    """LoRA A/B std so that s*B(Ax) is about half the base term: LoRA matters but does not dominate."""
-    return float(np.sqrt(0.5 * weight_std / (spec.lora.scale * np.sqrt(spec.lora.rank))))
-
-
-@functools.lru_cache(maxsize=8)
-def _weights(E, I, H, seed, weight_std):
-    spec = ktgen.MoESpec(name="w", expert_num=E, num_experts_per_tok=1, hidden_size=H,
-                         intermediate_size=I)
-    arrays = make_weights(spec, np.random.default_rng(seed), weight_std)
-    for a in arrays:
-        a.flags.writeable = False  # shared between tests
-    return arrays
-
-
-def base_weights(spec, seed, weight_std):
-    """make_weights for the spec's shape, made once per (shape, seed, std) and shared read-only."""
-    return _weights(spec.expert_num, spec.intermediate_size, spec.hidden_size, seed, weight_std)
-
-
-def build(spec, seed=0, weight_std=1.0, lora="random"):
-    """(moe, lora) with base weights of the given std; lora 'random', 'zeros' or None.
-    The base weights of one (shape, seed, std) are made once and shared (they are read-only)."""
-    rng = np.random.default_rng(seed + 1000)
-    gate, up, down = base_weights(spec, seed, weight_std)
-    lw = None
-    if spec.lora is not None and lora == "random":
-        lw = ktgen.LoRAWeights.random(spec, rng, lora_std(spec, weight_std))
-    elif spec.lora is not None and lora == "zeros":
-        lw = ktgen.LoRAWeights.zeros(spec)
-    return ktgen.MoE(spec, gate, up, down, lw), lw
-
-
-def expected_forward(moe, x, ids, rw):
-    spec = moe.spec
-    return ref.forward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
-                       moe.dequantized("down"), moe.lora,
-                       spec.lora.scale if spec.lora else 1.0)
-
-
-def routing(kind, T, k, E, rng):
-    """expert_ids [T, k] int64 for one of ROUTINGS."""
-    if kind == "random":                       # with about 10% skipped slots
-        ids = rng.integers(0, E, (T, k))
-        ids[rng.random((T, k)) < 0.1] = -1
-    elif kind == "duplicates":                 # the same expert twice (or more) in a row
-        ids = rng.integers(0, E, (T, k))
-        ids[:, 1] = ids[:, 0]
-        ids[::3, :] = ids[::3, :1]
-    elif kind == "empty_expert":               # experts 0 and E-2 get no token at all
-        pool = np.array([e for e in range(E) if e not in (0, E - 2)])
-        ids = pool[rng.integers(0, len(pool), (T, k))]
-        ids[rng.random((T, k)) < 0.1] = -1
-    elif kind == "one_expert":                 # every token on expert E-1, other slots skipped
-        ids = np.full((T, k), -1)
-        ids[:, 0] = E - 1
-    elif kind == "one_expert_every_slot":      # every slot of every token on expert 2
-        ids = np.full((T, k), 2)
-    elif kind == "reversed_order":             # late tokens on low experts, slots descending
-        ids = np.empty((T, k), np.int64)
-        for t in range(T):
-            for j in range(k):
-                ids[t, j] = (E - 1 - (t * E) // max(T, 1) - 2 * j) % E
-    else:
-        raise AssertionError(kind)
-    return np.ascontiguousarray(ids, np.int64)
-
-
-def check_out(out, T, H):
-    assert isinstance(out, np.ndarray)
-    assert out.dtype == bf16
-    assert out.shape == (T, H)
-    assert out.flags.c_contiguous
+from helpers import (AWK_CASES, AWK_MAX_LEN, LORA_KINDS, OUT_TOL, ROUTINGS, RUN_TIERS, awkward_spec, bf16,
+                     build, check_out, expected_forward, lora_std, make_inputs, make_weights, qwen_spec, routing)
 
 
 # ---- awkward shape: every T, every magnitude, LoRA off/f32/bf16, every tier ----

@@ -11,11 +11,8 @@ import pytest
 
 import ktgen
 from ktgen import reference as ref
-from conftest import make_inputs
-from test_forward import (AWK_MAX_LEN, awkward_spec, base_weights, bf16, expected_forward, lora_std,
-                          qwen_spec)
-
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+from helpers import (AWK_MAX_LEN, LORA_NAMES, awkward_spec, base_weights, bf16, expected_forward, lora_std,
+                     make_inputs, qwen_spec)
 T = 7
 
 

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 import ktgen
-from conftest import make_inputs, make_weights
+from helpers import LORA_NAMES, make_inputs, make_weights
 
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 WARMUP, STEPS = 50, 1000
 MAX_GROWTH = 8 << 20
 

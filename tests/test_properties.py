@@ -20,12 +20,10 @@ from hypothesis.extra.numpy import arrays
 
 import ktgen
 from ktgen import reference as ref
-from conftest import RUN_TIERS, make_weights
+from helpers import GRAD_TOL, LORA_NAMES, OUT_TOL, RUN_TIERS, make_weights
 
 bf16 = np.dtype(ml_dtypes.bfloat16)
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 MAX_T = 12
-OUT_TOL, GRAD_TOL = 1e-2, 2e-2
 WEIGHT_STD = 0.5
 X_STDS = (0.01, 1.0, 10.0)
 

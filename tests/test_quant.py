@@ -13,7 +13,7 @@ import ktgen
 from ktgen import quant, reference
 from ktgen.reference import rel_l2
 
-from conftest import RUN_TIERS, make_inputs, make_weights
+from helpers import LORA_NAMES, RUN_TIERS, make_inputs, make_weights
 
 bf16 = ml_dtypes.bfloat16
 MODES = [("int8", None), ("awq", 32), ("k2", 32)]
@@ -214,7 +214,7 @@ def test_tp2_equals_tp1(mode, G):
     (o1, g1, d1), (o2, g2, d2) = results
     np.testing.assert_array_equal(d1, d2)  # the partitions hold exactly the weights tp 1 holds
     assert rel_l2(o2, o1) <= 1e-2
-    for name in ("input", "routing_weights") + ktgen.runtime.LORA_NAMES:
+    for name in ("input", "routing_weights") + LORA_NAMES:
         assert rel_l2(getattr(g2, name), getattr(g1, name)) <= 2e-2, name
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ktgen import reference as ref
+from helpers import LORA_NAMES
 
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
 def make_case(seed=0, T=4, k=2, E=3, H=8, I=6, r=2, dtype=np.float64, std=0.5):

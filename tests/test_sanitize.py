@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 import ktgen
-from conftest import RUN_TIERS
+from helpers import RUN_TIERS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 2
@@ -62,8 +62,7 @@ SCRIPT = textwrap.dedent(r'''
     from ktgen import reference as ref
 
     bf16 = ml_dtypes.bfloat16
-    TOLS = {"bf16": (1e-2, 2e-2)}  # (out, grads); the quantized modes: 3e-2, 4e-2
-    LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+    from ktgen import LORA_NAMES
 
     cases = json.loads(sys.argv[1])
     failures = 0
@@ -131,7 +130,7 @@ SCRIPT = textwrap.dedent(r'''
                 errs["lora"] = max(ref.rel_l2(getattr(grads, n), e[n]) for n in LORA_NAMES)
             else:
                 assert all(getattr(grads, n) is None for n in LORA_NAMES)
-        out_tol, grad_tol = TOLS.get(spec.quant.mode, (3e-2, 4e-2))
+        out_tol, grad_tol = ref.limits(spec.quant.mode)
         for name, err in errs.items():
             tol = out_tol if name == "out" else grad_tol
             assert err <= tol, f"{name}: relL2 {err:.3e} > {tol}"

@@ -25,11 +25,9 @@ pytest.importorskip("safetensors")
 import ktgen  # noqa: E402
 from ktgen import adapters  # noqa: E402
 from ktgen.torch import KTMoE, from_hf_experts, load_adapter, save_adapter  # noqa: E402
+from helpers import GRAD_TOL, LORA_NAMES, OUT_TOL, QUANT_GRAD_TOL, QUANT_OUT_TOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-# §7, bf16 base weights.
-OUT_TOL, GRAD_TOL = 1e-2, 2e-2
 
 
 def spec_for(lora_dtype="float32", name="torch_layer", **kw):
@@ -162,7 +160,7 @@ def test_output_and_every_gradient_match_float64(lora_dtype, quant):
         spec, out_tol, grad_tol = spec_for(lora_dtype), OUT_TOL, GRAD_TOL
     else:                                                      # §7, quantized modes
         spec = spec_for(lora_dtype, name="torch_awq", quant=dict(mode=quant, group_size=32))
-        out_tol, grad_tol = 3e-2, 4e-2
+        out_tol, grad_tol = QUANT_OUT_TOL, QUANT_GRAD_TOL
     layer = make_layer(spec)
     x, ids, w = make_inputs(spec, 40, lead=(4, 10))           # leading dims are flattened
     x.requires_grad_()

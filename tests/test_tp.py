@@ -12,12 +12,10 @@ import pytest
 import ktgen
 from ktgen import numa, reference
 from ktgen.reference import rel_l2
-from ktgen.runtime import LORA_NAMES
 
-from conftest import make_inputs, make_weights
+from helpers import LIMITS, LORA_NAMES, make_inputs, make_weights
 
 bf16 = ml_dtypes.bfloat16
-LIMITS = {"bf16": (1e-2, 2e-2), "int8": (3e-2, 4e-2), "awq": (3e-2, 4e-2), "k2": (3e-2, 4e-2)}
 
 
 def tp_spec(mode, tp, lora=True):

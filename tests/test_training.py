@@ -10,11 +10,9 @@ import pytest
 
 import ktgen
 from ktgen import reference as ref
-from conftest import make_inputs
-from test_forward import awkward_spec, base_weights, bf16, expected_forward, lora_std, qwen_spec
+from helpers import (GRAD_FIELDS, LORA_NAMES, awkward_spec, base_weights, bf16, expected_forward, lora_std,
+                     make_inputs, qwen_spec)
 
-LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
-GRAD_FIELDS = ("input", "routing_weights") + LORA_NAMES
 
 # The slot tests run on the awkward layer (tp 1, float32 LoRA) and on Qwen3 dims split in two
 # partitions with bfloat16 LoRA (each partition holds its own slots).

@@ -1,0 +1,217 @@
+"""What the tests share: the tiers this CPU runs, the LoRA names, the accuracy limits, the specs
+every file uses (kept identical so the kernels compile once a session) and the data makers.
+Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import functools
+
+import ml_dtypes
+import numpy as np
+
+import ktgen
+from ktgen import isa
+from ktgen import reference as ref
+from ktgen.render import BLOCKING
+
+bf16 = np.dtype(ml_dtypes.bfloat16)
+
+LORA_NAMES = ktgen.LORA_NAMES
+GRAD_FIELDS = ("input", "routing_weights") + LORA_NAMES
+
+# relL2 limits against ktgen.reference, (out, every gradient) per quant mode (docs/design.md,
+# "Accuracy"): ktgen's own table, which `ktgen check` applies too.
+LIMITS = ref.ACCURACY_LIMITS
+OUT_TOL, GRAD_TOL = LIMITS["bf16"]
+QUANT_OUT_TOL, QUANT_GRAD_TOL = LIMITS["int8"]
+assert all(LIMITS[m] == (QUANT_OUT_TOL, QUANT_GRAD_TOL) for m in ("int8", "awq", "k2"))
+
+# Tiers rendered by ktgen that this CPU runs natively, plus avx512 through its software
+# emulation (KTGEN_EMULATE_AVX512=1, bit-exact with native) on a CPU without AVX-512, so that
+# every tier's kernels are tested everywhere. amx and avx512bf16 (which differs from avx512 in
+# its bf16 forward GEMMs only) have tests of their own that run emulated everywhere
+# (test_amx.py, test_avx512bf16.py); conftest turns on the emulation of every tier in EMULATED.
+NATIVE_TIERS = [t for t in isa.available_tiers() if t in BLOCKING and t != "amx"]
+EMULATED = [t for t in ("avx512bf16", "avx512") if t not in NATIVE_TIERS]
+EMULATED_AVX512 = "avx512" in EMULATED
+RUN_TIERS = NATIVE_TIERS + (["avx512"] if EMULATED_AVX512 else [])
+ALL_TIERS = list(BLOCKING)
+
+
+def make_weights(spec, rng, std=0.5):
+    """bf16 gate [E,I,H], up [E,I,H], down [E,H,I] of the given std."""
+    E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
+    gate = (rng.standard_normal((E, I, H), np.float32) * std).astype(bf16)
+    up = (rng.standard_normal((E, I, H), np.float32) * std).astype(bf16)
+    down = (rng.standard_normal((E, H, I), np.float32) * std).astype(bf16)
+    return gate, up, down
+
+
+def make_inputs(spec, rng, T, std=1.0, ids=None):
+    """x bf16 [T,H], expert_ids int64 [T,k] (random with some -1 slots unless given),
+    routing_weights float32 [T,k]."""
+    k = spec.num_experts_per_tok
+    x = (rng.standard_normal((T, spec.hidden_size), np.float32) * std).astype(bf16)
+    if ids is None:
+        ids = rng.integers(0, spec.expert_num, (T, k))
+        ids[rng.random((T, k)) < 0.1] = -1
+    rw = rng.random((T, k)).astype(np.float32)
+    return x, np.asarray(ids, np.int64), rw
+
+
+LORA_KINDS = ["float32", "bfloat16", None]
+# (weight std, activation std): the corners of what real models see (§7).
+MAGNITUDES = [(0.02, 10.0), (1.0, 0.01), (1.0, 10.0), (0.02, 0.01)]
+AWK_MAX_LEN = 100
+AWK_TOKENS = [0, 1, 7, 64, AWK_MAX_LEN]
+# (T, weight std, activation std): every T, two magnitudes each, all four at T = max_len.
+AWK_CASES = [(0, 0.02, 10.0), (0, 1.0, 0.01), (1, 1.0, 0.01), (1, 0.02, 10.0), (7, 1.0, 10.0),
+             (7, 0.02, 0.01), (64, 0.02, 10.0), (64, 1.0, 0.01)] + [
+    (AWK_MAX_LEN, w, x) for w, x in MAGNITUDES]
+assert sorted({c[0] for c in AWK_CASES}) == AWK_TOKENS
+ROUTINGS = ["random", "duplicates", "empty_expert", "one_expert", "one_expert_every_slot",
+            "reversed_order"]
+
+
+# ---- specs (kept identical across test files so the kernels compile once a session) ----
+
+def awkward_spec(lora_dtype, tier="auto"):
+    lora = None if lora_dtype is None else dict(rank=5, dtype=lora_dtype)
+    return ktgen.MoESpec(name="awkward", expert_num=8, num_experts_per_tok=3, hidden_size=96,
+                         intermediate_size=160, max_len=AWK_MAX_LEN, lora=lora, isa=tier)
+
+
+# Qwen3-30B-A3B's layer dims, fewer experts. Per (tier): tp1/f32, tp2/f32, tp2/bf16 (rsLoRA), tp2/none.
+QWEN_VARIANTS = {
+    "tp1-f32": (1, "float32"),
+    "tp2-f32": (2, "float32"),
+    "tp2-bf16": (2, "bfloat16"),
+    "tp2-nolora": (2, None),
+}
+
+
+def qwen_spec(variant, tier="auto"):
+    tp, lora_dtype = QWEN_VARIANTS[variant]
+    if lora_dtype is None:
+        lora = None
+    elif lora_dtype == "bfloat16":
+        lora = dict(rank=16, alpha=8.0, use_rslora=True, dtype="bfloat16")  # s = 8 / 4 = 2
+    else:
+        lora = dict(rank=16, dtype="float32")                                # s = 32 / 16 = 2
+    return ktgen.load_spec("qwen3-30b-a3b").replace(
+        expert_num=4, num_experts_per_tok=2, max_len=16, tp_count=tp, lora=lora, isa=tier)
+
+
+def lora_std(spec, weight_std):
+    """LoRA A/B std so that s*B(Ax) is about half the base term: LoRA matters but does not dominate."""
+    return float(np.sqrt(0.5 * weight_std / (spec.lora.scale * np.sqrt(spec.lora.rank))))
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(E, I, H, seed, weight_std):
+    spec = ktgen.MoESpec(name="w", expert_num=E, num_experts_per_tok=1, hidden_size=H,
+                         intermediate_size=I)
+    arrays = make_weights(spec, np.random.default_rng(seed), weight_std)
+    for a in arrays:
+        a.flags.writeable = False  # shared between tests
+    return arrays
+
+
+def base_weights(spec, seed, weight_std):
+    """make_weights for the spec's shape, made once per (shape, seed, std) and shared read-only."""
+    return _weights(spec.expert_num, spec.intermediate_size, spec.hidden_size, seed, weight_std)
+
+
+def build(spec, seed=0, weight_std=1.0, lora="random"):
+    """(moe, lora) with base weights of the given std; lora 'random', 'zeros' or None.
+    The base weights of one (shape, seed, std) are made once and shared (they are read-only)."""
+    rng = np.random.default_rng(seed + 1000)
+    gate, up, down = base_weights(spec, seed, weight_std)
+    lw = None
+    if spec.lora is not None and lora == "random":
+        lw = ktgen.LoRAWeights.random(spec, rng, lora_std(spec, weight_std))
+    elif spec.lora is not None and lora == "zeros":
+        lw = ktgen.LoRAWeights.zeros(spec)
+    return ktgen.MoE(spec, gate, up, down, lw), lw
+
+
+def expected_forward(moe, x, ids, rw):
+    spec = moe.spec
+    return ref.forward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
+                       moe.dequantized("down"), moe.lora,
+                       spec.lora.scale if spec.lora else 1.0)
+
+
+def routing(kind, T, k, E, rng):
+    """expert_ids [T, k] int64 for one of ROUTINGS."""
+    if kind == "random":                       # with about 10% skipped slots
+        ids = rng.integers(0, E, (T, k))
+        ids[rng.random((T, k)) < 0.1] = -1
+    elif kind == "duplicates":                 # the same expert twice (or more) in a row
+        ids = rng.integers(0, E, (T, k))
+        ids[:, 1] = ids[:, 0]
+        ids[::3, :] = ids[::3, :1]
+    elif kind == "empty_expert":               # experts 0 and E-2 get no token at all
+        pool = np.array([e for e in range(E) if e not in (0, E - 2)])
+        ids = pool[rng.integers(0, len(pool), (T, k))]
+        ids[rng.random((T, k)) < 0.1] = -1
+    elif kind == "one_expert":                 # every token on expert E-1, other slots skipped
+        ids = np.full((T, k), -1)
+        ids[:, 0] = E - 1
+    elif kind == "one_expert_every_slot":      # every slot of every token on expert 2
+        ids = np.full((T, k), 2)
+    elif kind == "reversed_order":             # late tokens on low experts, slots descending
+        ids = np.empty((T, k), np.int64)
+        for t in range(T):
+            for j in range(k):
+                ids[t, j] = (E - 1 - (t * E) // max(T, 1) - 2 * j) % E
+    else:
+        raise AssertionError(kind)
+    return np.ascontiguousarray(ids, np.int64)
+
+
+def check_out(out, T, H):
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == bf16
+    assert out.shape == (T, H)
+    assert out.flags.c_contiguous
+
+
+def expected_backward(moe, x, ids, rw, grad_out):
+    spec = moe.spec
+    return ref.backward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
+                        moe.dequantized("down"), grad_out, moe.lora,
+                        spec.lora.scale if spec.lora else 1.0)
+
+
+# ---- the amx (and avx512bf16) layer: M tails on both sides of a 16-row tile ----
+
+def amx_spec(mode, lora, tp, G=32):
+    q = {"mode": mode} if mode in ("bf16", "int8") else {"mode": mode, "group_size": G}
+    return ktgen.MoESpec(name=f"amx_{mode}", expert_num=5, num_experts_per_tok=2, hidden_size=96,
+                         intermediate_size=128, max_len=64, quant=q, tp_count=tp,
+                         lora={"rank": 3} if lora else None)
+
+
+def tail_routing(rng, E=5):
+    """Experts with 1, 15, 17, 16 and 0 entries: M tails on both sides of a 16-row tile."""
+    flat = np.concatenate([np.full(n, e) for e, n in ((0, 1), (1, 15), (2, 17), (3, 16))])
+    rng.shuffle(flat)  # token order differs from expert order
+    ids = np.full(50, -1)
+    ids[:49] = flat
+    return ids.reshape(25, 2)
+
+
+def run_layer(spec, seed=0, std=0.5):
+    rng = np.random.default_rng(seed)
+    gate, up, down = make_weights(spec, rng, std=std)
+    lw = ktgen.LoRAWeights.random(spec, rng, std=0.3) if spec.lora else None
+    moe = ktgen.MoE(spec, gate, up, down, lw)
+    ids = tail_routing(rng)
+    T = ids.shape[0]
+    x = rng.standard_normal((T, spec.hidden_size), np.float32).astype(bf16)
+    rw = rng.random(ids.shape).astype(np.float32)
+    grad_out = (rng.standard_normal((T, spec.hidden_size)) * 0.1).astype(bf16)
+    out, saved = moe.forward_train(x, ids, rw)
+    grads = moe.backward(saved, grad_out)
+    return moe, (x, ids, rw, grad_out, lw), out, grads
