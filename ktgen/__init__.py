@@ -7,9 +7,10 @@ from .isa import ISAError
 from .runtime import CacheFullError, Grads, KernelError, LoRAWeights, MoE, SavedForward
 from .quant import QuantizedWeights
 from .spec import LORA_NAMES, LoRASpec, MoESpec, QuantSpec, SpecError, bundled_spec_names, load_spec
+from .target import Target
 
 __all__ = [
     "CacheError", "CacheFullError", "CompilerError", "Grads", "ISAError", "Kernel", "KernelError",
     "LORA_NAMES", "LoRASpec", "LoRAWeights", "MoE", "MoESpec", "QuantSpec", "QuantizedWeights", "SavedForward",
-    "SpecError", "__version__", "bundled_spec_names", "compile", "load_spec", "quant", "reference",
+    "SpecError", "Target", "__version__", "bundled_spec_names", "compile", "load_spec", "quant", "reference",
 ]

@@ -1,12 +1,17 @@
-"""Compiling and caching: spec -> rendered source -> compiled module -> loaded Kernel.
+"""Compiling and caching: (spec, target) -> rendered source -> compiled module -> loaded Kernel.
 
-The cache key hashes everything that changes the binary: the rendered source (which already
-depends on the spec, the tier and every template), the compiler's identity and flags, the
-ktgen, cffi and Python versions. An entry is a directory holding the module, its sources and
-a manifest written last; the manifest records the module's SHA-256, so a missing, truncated
-or corrupt entry reads as a miss and is rebuilt. Builds of one key are serialized across
-processes with a file lock, and inside one process with a thread lock, because cffi changes
-the working directory while it compiles.
+The target (ktgen.target) is chosen once, before anything is rendered. The cache key hashes
+everything that changes the binary: the rendered source (which already depends on the spec, the
+target and every template), the target (tier, extensions, emulation, the whole compiler command,
+its identity, the flags, and CFLAGS/CPPFLAGS/LDFLAGS/LDSHARED as setuptools would read them), the
+ktgen, cffi and Python versions. An entry is a directory holding the module, its sources and a
+manifest written last; the manifest records the module's SHA-256, so a missing, truncated or
+corrupt entry reads as a miss and is rebuilt.
+
+cffi's build changes the working directory and reads the compiler from os.environ["CC"], both
+process-wide; it runs in a child Python process instead, so that compiling leaves the caller's
+working directory and environment alone. Builds of one key are serialized across processes with
+a file lock (`<entry>.lock`), and inside one process with a thread lock.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,21 +36,16 @@ from typing import Any
 import cffi
 from filelock import FileLock
 
-from . import isa as isa_mod
+from . import target as target_mod
 from ._version import __version__
 from .render import Rendered, render
-from .settings import settings
+from .settings import BUILD_ENV, settings
 from .spec import MoESpec
+from .target import BASE_FLAGS, LINK_FLAGS, SANITIZERS, Target  # noqa: F401 - BASE_FLAGS etc. re-exported
 
-# -Wno-aggressive-loop-optimizations: GCC warns about vector loops over the fixed-size
-# rank-R accumulators that it has already proven never run; the noise hides real warnings.
-# -ffp-contract=off: a * b + c in plain C is rounded twice on every tier, so scalar code gives
-# the same bits whatever the target ISA (the emulated amx tier relies on it); explicit FMA
-# intrinsics stay fused.
-BASE_FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC",
-              "-ffp-contract=off", "-Wno-aggressive-loop-optimizations")
-LINK_FLAGS = ("-fopenmp",)
 MANIFEST = "manifest.json"
+BUILD_PREFIX = ".build-"   # in-progress build directories: .build-<entry name>-<random>
+LOCK_SUFFIX = ".lock"
 
 _build_lock = threading.Lock()
 _loaded: dict[str, Any] = {}
@@ -60,18 +61,30 @@ class CacheError(RuntimeError):
 
 @dataclass
 class Kernel:
-    """A compiled kernel for one spec and tier: `lib` holds the C functions, `ffi` their types."""
+    """A compiled kernel for one spec and target: `lib` holds the C functions, `ffi` their types."""
 
     spec: MoESpec
-    isa: str
-    isa_reason: str
+    target: Target
     cache_key: str
     path: Path
     ffi: Any = field(repr=False)
     lib: Any = field(repr=False)
     compiled: bool          # True when this call ran the compiler, False on a cache hit
     rendered: Rendered = field(repr=False)
-    emulated: bool = False  # the tier's vector (and tile) instructions run in software
+
+    @property
+    def isa(self) -> str:
+        """The ISA tier (§4's Kernel.isa)."""
+        return self.target.tier
+
+    @property
+    def isa_reason(self) -> str:
+        return self.target.reason
+
+    @property
+    def emulated(self) -> bool:
+        """The tier's vector (and tile) instructions run in software."""
+        return self.target.emulate
 
     def fn(self, name: str):
         return getattr(self.lib, f"{self.rendered.prefix}_{name}")
@@ -82,7 +95,10 @@ class Kernel:
 
 @lru_cache(maxsize=8)
 def compiler_identity(cc: str) -> str:
-    exe = shutil.which(cc.split()[0])
+    """The compiler command as given (every word: `gcc -m32` is not `gcc`), the executable it
+    resolves to and the first line of its --version."""
+    words = shlex.split(cc)
+    exe = shutil.which(words[0]) if words else None
     if exe is None:
         raise CompilerError(
             f"no C compiler found: {cc!r} is not on PATH. Install one (Debian/Ubuntu: "
@@ -92,47 +108,36 @@ def compiler_identity(cc: str) -> str:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         raise CompilerError(f"C compiler {cc!r} does not run: {exc}") from exc
-    return f"{exe}: {out.stdout.splitlines()[0] if out.stdout else ''}"
+    return f"{cc} -> {exe}: {out.stdout.splitlines()[0] if out.stdout else ''}"
 
 
-SANITIZERS = ("address", "undefined")
+def target_flags(target: Target) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The target's (compile, link) flags; an unknown sanitizer is a CompilerError."""
+    try:
+        return target.cflags, target.ldflags
+    except target_mod.SanitizerError as exc:
+        raise CompilerError(str(exc)) from None
 
 
-def sanitize_flags(sanitize: tuple[str, ...]) -> tuple[str, ...]:
-    """Compile and link flags of a KTGEN_SANITIZE build. An ASan kernel loads only into a process
-    started with the ASan runtime preloaded (LD_PRELOAD=$(gcc -print-file-name=libasan.so))."""
-    unknown = [s for s in sanitize if s not in SANITIZERS]
-    if unknown:
-        raise CompilerError(f"KTGEN_SANITIZE: unknown sanitizer(s) {', '.join(unknown)}; "
-                            f"supported: {', '.join(SANITIZERS)}")
-    if not sanitize:
-        return ()
-    # -O1, ASan's usual level: the sanitizers see the same code and it builds several times faster.
-    return (f"-fsanitize={','.join(sanitize)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-            "-g", "-O1")
-
-
-def build_flags(tier: str, sanitize: tuple[str, ...] = (), emulate: bool = False) -> tuple[str, ...]:
-    return BASE_FLAGS + isa_mod.compile_flags(tier, emulate=emulate) + sanitize_flags(sanitize)
-
-
-def cache_key(rendered: Rendered, tier: str, flags: tuple[str, ...], cc: str) -> str:
+def cache_key(rendered: Rendered, target: Target) -> str:
+    cflags, ldflags = target_flags(target)
     payload = {
         "source": rendered.source,
         "header": rendered.header,
-        "tier": tier,
-        "flags": flags,
-        "link": link_flags(flags),
-        "compiler": compiler_identity(cc),
+        "tier": target.tier,
+        "extensions": sorted(target.extensions),
+        "emulate": target.emulate,
+        "flags": cflags,
+        "link": ldflags,
+        "cc": target.cc,
+        "compiler": compiler_identity(target.cc),
+        # setuptools reads these while cffi builds: they change the binary as much as our flags
+        "build_env": {name: value for name, value in target.build_env},
         "ktgen": __version__,
         "cffi": cffi.__version__,
         "python": sysconfig.get_config_var("EXT_SUFFIX") or sys.version,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def link_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
-    return LINK_FLAGS + tuple(f for f in flags if f.startswith("-fsanitize"))
 
 
 def _sha256(path: Path) -> str:
@@ -168,28 +173,49 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _compile_module(rendered: Rendered, module_name: str, flags: tuple[str, ...], cc: str, workdir: Path) -> Path:
+# Runs in a child interpreter (python -c): builds one cffi module from a job file. -c rather than
+# a script path, so that no directory of ktgen's own modules lands on the child's sys.path.
+_BUILD_SCRIPT = """
+import json, sys
+import cffi
+job = json.load(open(sys.argv[1]))
+ffi = cffi.FFI()
+ffi.cdef(job["cdef"])
+ffi.set_source(job["module"], job["source"], include_dirs=job["include_dirs"],
+               extra_compile_args=job["cflags"], extra_link_args=job["ldflags"])
+print("KTGEN_BUILT " + ffi.compile(tmpdir=job["tmpdir"], verbose=False))
+"""
+
+
+def build_environment(target: Target) -> dict[str, str]:
+    """The environment of the build: the caller's, with CC the target's compiler and the
+    BUILD_ENV variables exactly as the target recorded them."""
+    env = {k: v for k, v in os.environ.items() if k not in BUILD_ENV}
+    env.update(target.build_env)
+    env["CC"] = target.cc
+    return env
+
+
+def _compile_module(rendered: Rendered, module_name: str, target: Target, workdir: Path) -> Path:
     (workdir / rendered.header_name).write_text(rendered.header)
-    ffi = cffi.FFI()
-    ffi.cdef(rendered.cdef)
-    ffi.set_source(
-        module_name,
-        rendered.source,
-        include_dirs=[str(workdir)],
-        extra_compile_args=list(flags),
-        extra_link_args=list(link_flags(flags)),
-    )
-    old_cc = os.environ.get("CC")
-    os.environ["CC"] = cc
+    cflags, ldflags = target_flags(target)
+    job = workdir / "job.json"
+    job.write_text(json.dumps({
+        "cdef": rendered.cdef, "module": module_name, "source": rendered.source,
+        "include_dirs": [str(workdir)], "cflags": list(cflags), "ldflags": list(ldflags),
+        "tmpdir": str(workdir),
+    }))
     try:
-        return Path(ffi.compile(tmpdir=str(workdir), verbose=False))
-    except Exception as exc:  # distutils raises its own CompileError / LinkError types
-        raise CompilerError(f"compiling {module_name} with {cc!r} failed: {exc}") from exc
-    finally:
-        if old_cc is None:
-            os.environ.pop("CC", None)
-        else:
-            os.environ["CC"] = old_cc
+        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(job)], cwd=workdir,
+                              env=build_environment(target), capture_output=True, text=True)
+    except OSError as exc:
+        raise CompilerError(f"compiling {module_name}: cannot start {sys.executable}: {exc}") from exc
+    built = [line[len("KTGEN_BUILT "):] for line in proc.stdout.splitlines() if line.startswith("KTGEN_BUILT ")]
+    if proc.returncode != 0 or not built:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise CompilerError(f"compiling {module_name} with {target.cc!r} failed "
+                            f"(exit {proc.returncode}):\n{tail}")
+    return Path(built[-1])
 
 
 def _import(module_name: str, path: Path):
@@ -208,19 +234,15 @@ def _ensure_cache_dir(cache_dir: Path) -> None:
         raise CacheError(f"the kernel cache directory {cache_dir} (KTGEN_CACHE_DIR) is not writable")
 
 
-def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - the public name (§4)
-    """Render, compile (or find in the cache) and load the kernel of `spec`."""
+def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: A001 - the public name (§4)
+    """Render, compile (or find in the cache) and load the kernel of `spec`. `isa`: a Target
+    (used as it is), or a tier name; default KTGEN_ISA, else the spec's isa (ktgen.target.select)."""
+    if not isinstance(spec, MoESpec):
+        raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
+    target = target_mod.select(spec, isa)
     cfg = settings()
-    requested = isa or cfg.isa or spec.isa
-    try:
-        tier, reason = isa_mod.choose(requested, emulated=cfg.emulate)
-    except isa_mod.ISAError as exc:
-        source = "isa argument" if isa else "KTGEN_ISA" if cfg.isa else f"spec {spec.name}'s isa"
-        raise isa_mod.ISAError(f"{source} {requested!r}: {exc}") from exc
-    emulate = tier in cfg.emulate
-    rendered = render(spec, tier, vnni=isa_mod.has_vnni(tier), emulate=emulate)
-    flags = build_flags(tier, cfg.sanitize, emulate)
-    key = cache_key(rendered, tier, flags, cfg.cc)
+    rendered = render(spec, target)
+    key = cache_key(rendered, target)
     module_name = f"_ktgen_{spec.name}_{key[:20]}"
     entry = cfg.cache_dir / f"{spec.name}-{key[:20]}"
 
@@ -231,22 +253,26 @@ def compile(spec: MoESpec, isa: str | None = None) -> Kernel:  # noqa: A001 - th
             manifest = _read_manifest(entry, key)
             if manifest is None:
                 _ensure_cache_dir(cfg.cache_dir)
-                with FileLock(str(cfg.cache_dir / f"{entry.name}.lock")):
+                with FileLock(str(_lock_path(entry))):
                     manifest = _read_manifest(entry, key)  # another process may have built it
                     if manifest is None:
-                        manifest = _build_entry(rendered, spec, tier, flags, cfg.cc, key, module_name, entry)
+                        manifest = _build_entry(rendered, spec, target, key, module_name, entry)
                         compiled = True
             module = _import(module_name, entry / manifest["module_file"])
             _loaded[key] = module
-    return Kernel(spec, tier, reason, key, entry, module.ffi, module.lib, compiled, rendered, emulate)
+    return Kernel(spec, target, key, entry, module.ffi, module.lib, compiled, rendered)
 
 
-def _build_entry(rendered, spec, tier, flags, cc, key, module_name, entry: Path) -> dict:
+def _lock_path(entry: Path) -> Path:
+    return entry.parent / f"{entry.name}{LOCK_SUFFIX}"
+
+
+def _build_entry(rendered, spec, target: Target, key, module_name, entry: Path) -> dict:
     entry.mkdir(parents=True, exist_ok=True)
     (entry / MANIFEST).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".build-{entry.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f"{BUILD_PREFIX}{entry.name}-") as tmp:
         started = time.perf_counter()
-        built = _compile_module(rendered, module_name, flags, cc, Path(tmp))
+        built = _compile_module(rendered, module_name, target, Path(tmp))
         module_file = built.name
         _atomic_write(entry / module_file, built.read_bytes())
     _atomic_write(entry / rendered.header_name, rendered.header.encode())
@@ -257,9 +283,11 @@ def _build_entry(rendered, spec, tier, flags, cc, key, module_name, entry: Path)
         "module_file": module_file,
         "sha256": _sha256(entry / module_file),
         "spec": spec.name,
-        "tier": tier,
-        "flags": list(flags),
-        "compiler": compiler_identity(cc),
+        "tier": target.tier,
+        "target": target.name + (" (emulated)" if target.emulate else ""),
+        "flags": list(target_flags(target)[0]),
+        "build_env": dict(target.build_env),
+        "compiler": compiler_identity(target.cc),
         "ktgen": __version__,
         "build_seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -1,7 +1,9 @@
 """ISA tiers: what each needs from the CPU, how `auto` picks one, and its compiler flags.
 
-A tier is one set of templates and flags. The flags never include -march=native: a cached
-binary must not depend on which machine compiled it, only on the tier it was rendered for.
+A tier is one set of templates and flags; an extension (VNNI) adds instructions to a tier. The
+flags never include -march=native: a cached binary must not depend on which machine compiled
+it, only on the target it was rendered for (ktgen.target puts tier, extensions, emulation,
+compiler and flags together).
 """
 
 from __future__ import annotations
@@ -95,19 +97,29 @@ EMULATION_VARS = {"amx": "KTGEN_EMULATE_AMX", "avx512bf16": "KTGEN_EMULATE_AVX51
                   "avx512": "KTGEN_EMULATE_AVX512"}
 
 
-def compile_flags(name: str, flags: frozenset[str] | None = None, emulate: bool = False) -> tuple[str, ...]:
-    """Compiler flags for a tier; VNNI is added to avx512 where the CPU has it. An emulated tier
-    is portable C: no ISA flags, and -O1, which builds it twice as fast and gives the same bits
-    (no fast-math, no FP contraction: every -O level keeps IEEE results)."""
-    if emulate:
-        return ("-O1",)
-    flags = cpu_flags() if flags is None else flags
-    extra = ("-mavx512vnni",) if name in ("avx512", "avx512bf16") and "avx512_vnni" in flags else ()
-    return tier(name).flags + extra
+def compile_flags(name: str, emulate: bool = False) -> tuple[str, ...]:
+    """A tier's own compiler flags, without extensions (ktgen.target.Target.isa_flags adds those).
+    An emulated tier is portable C: no ISA flags, and -O1, which builds it twice as fast and gives
+    the same bits (no fast-math, no FP contraction: every -O level keeps IEEE results)."""
+    return ("-O1",) if emulate else tier(name).flags
 
 
-def has_vnni(name: str, flags: frozenset[str] | None = None) -> bool:
-    return "-mavx512vnni" in compile_flags(name, flags)
+@dataclass(frozen=True)
+class Extension:
+    """Instructions a tier's templates use when the target has them (the `vnni` of avx512+vnni)."""
+
+    name: str
+    cpu_flag: str               # /proc/cpuinfo flag
+    flag: str                   # compiler flag
+    tiers: tuple[str, ...]      # the tiers whose templates use it
+
+
+# Extensions by name. AVX512_BF16 is a tier of its own (avx512bf16), not an extension.
+EXTENSIONS = {"vnni": Extension("vnni", "avx512_vnni", "-mavx512vnni", ("avx512", "avx512bf16"))}
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def choose(requested: str = "auto", flags: frozenset[str] | None = None,
@@ -117,7 +129,7 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None,
     flags = cpu_flags() if flags is None else flags
     if requested in emulated:
         return requested, f"requested explicitly, emulated in software ({EMULATION_VARS[requested]}=1)"
-    if platform.machine().lower() not in ("x86_64", "amd64") and requested not in ("auto", "generic"):
+    if not is_x86_64() and requested not in ("auto", "generic"):
         raise ISAError(f"ISA tier {requested!r} needs an x86-64 CPU; this is {platform.machine()}")
     if requested != "auto":
         t = tier(requested)

@@ -1,4 +1,4 @@
-"""Rendering: (spec, ISA tier) -> C sources. A pure function: no I/O beyond reading templates."""
+"""Rendering: (spec, target) -> C sources. A pure function: no I/O beyond reading templates."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import jinja2
 
 from ._version import __version__
-from .isa import EMULATION_VARS
 from .spec import MoESpec
+from .target import Target
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -77,17 +77,18 @@ def _c_float(x: float) -> str:
     return repr(float(x))
 
 
-EMULABLE = tuple(EMULATION_VARS)
-
-
-def render(spec: MoESpec, tier: str, vnni: bool = False, emulate: bool = False) -> Rendered:
-    """C sources of `spec` for an ISA tier. emulate (amx and avx512): the same kernels over a
-    portable implementation of the 16-lane vector primitives (and of the tile instructions)."""
+def render(spec: MoESpec, target: Target | str) -> Rendered:
+    """C sources of `spec` for a target (a tier name is the tier with no extensions, native).
+    An emulated target: the same kernels over a portable implementation of the 16-lane vector
+    primitives (and of the tile instructions); it has every extension of its tier."""
+    tier = target.tier if isinstance(target, Target) else target
     if tier not in BLOCKING:
         raise ValueError(f"no templates for ISA tier {tier!r}; rendered tiers: {', '.join(BLOCKING)}")
+    if not isinstance(target, Target):
+        target = Target(tier)
     prefix = f"ktgen_{spec.name}"
-    emulate = emulate and tier in EMULABLE
-    vnni = vnni or (emulate and tier in ("avx512", "avx512bf16"))  # the emulation has vpdpbusd too
+    emulate = target.emulate
+    vnni = target.vnni
     mode = spec.quant.mode
     int8_vnni = mode == "int8" and vnni and tier in ("avx512", "avx512bf16")
     # Packed panel layout (weights.h.j2): k interleaved by 2 (bf16 pairs) for the tiles, by 4

@@ -22,6 +22,7 @@ from . import numa, quant
 from .compiler import Kernel, compile as compile_kernel
 from .render import load_params
 from .spec import LORA_NAMES, MoESpec  # noqa: F401 - LORA_NAMES is part of this module's API
+from .target import Target
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -132,14 +133,19 @@ class SavedForward:
 class MoE:
     """One MoE layer with frozen base weights and (optionally) LoRA adapters."""
 
-    def __init__(self, spec: MoESpec, gate, up, down, lora: LoRAWeights | None = None):
+    def __init__(self, spec: MoESpec, gate, up, down, lora: LoRAWeights | None = None,
+                 isa: str | Target | None = None):
+        """isa: the target to compile for, a ktgen.Target or a tier name (default: KTGEN_ISA,
+        else spec.isa; see ktgen.target.select)."""
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
+        if isa is not None and not isinstance(isa, (str, Target)):
+            raise TypeError(f"isa: expected a tier name (str) or a ktgen.Target, got {type(isa).__name__}")
         self.spec = spec
         E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
         weights = {name: self._base_weights(name, w, (E, H, I) if name == "down" else (E, I, H))
                    for name, w in (("gate", gate), ("up", up), ("down", down))}
-        self.kernel: Kernel = compile_kernel(spec)
+        self.kernel: Kernel = compile_kernel(spec, isa)
         self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
         # One thread per partition when there are several, pinned to its NUMA node when the
         # machine has more than one: every call of partition p runs there (see ktgen.numa).

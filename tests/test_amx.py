@@ -78,7 +78,7 @@ def test_emulated_and_plain_builds_have_different_cache_keys(emulated, monkeypat
 def test_rendered_amx_source_uses_the_tile_instructions():
     spec = amx_spec("bf16", True, 1)
     native = ktgen.render.render(spec, "amx")
-    emulated = ktgen.render.render(spec, "amx", emulate=True)
+    emulated = ktgen.render.render(spec, ktgen.Target("amx", emulate=True))
     assert "_tile_dpbf16ps" in native.source and "ARCH_REQ_XCOMP_PERM" in native.source
     assert "_tile_dpbf16ps" not in emulated.source and "tile_dpbf16ps(" in emulated.source
     # the same kernels: only the tile and vector primitives differ
@@ -110,7 +110,7 @@ def test_native_amx_agrees_with_the_emulation_to_the_bit(mode):
 def test_int8_forward_runs_on_tdpbusd():
     spec = amx_spec("int8", True, 1)
     native = ktgen.render.render(spec, "amx").source
-    emulated = ktgen.render.render(spec, "amx", emulate=True).source
+    emulated = ktgen.render.render(spec, ktgen.Target("amx", emulate=True)).source
     assert "_tile_dpbusd" in native and "tile_dpbusd(" in emulated
     assert native.count("amx_i8_block(") == emulated.count("amx_i8_block(") >= 2
     assert "amx_i8_block(" not in ktgen.render.render(amx_spec("bf16", True, 1), "amx").source

@@ -88,7 +88,7 @@ def bits16(x) -> int:
 def build(tmp_path, emulate: bool) -> str:
     spec = ktgen.MoESpec(name="tiles", expert_num=2, num_experts_per_tok=1, hidden_size=32,
                          intermediate_size=32, max_len=4, lora=None)
-    rendered = render(spec, "amx", emulate=emulate)
+    rendered = render(spec, ktgen.Target("amx", emulate=emulate))
     d = tmp_path / ("emulated" if emulate else "native")
     d.mkdir()
     (d / rendered.header_name).write_text(rendered.header)

@@ -57,7 +57,7 @@ def model(c, a0, a1, b0, b1) -> np.float32:
 def build(tmp_path, emulate: bool) -> str:
     spec = ktgen.MoESpec(name="dp", expert_num=2, num_experts_per_tok=1, hidden_size=32,
                          intermediate_size=32, max_len=4, lora=None)
-    rendered = render(spec, "avx512bf16", emulate=emulate)
+    rendered = render(spec, ktgen.Target("avx512bf16", emulate=emulate))
     d = tmp_path / ("emulated" if emulate else "native")
     d.mkdir()
     (d / rendered.header_name).write_text(rendered.header)

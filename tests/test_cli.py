@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import ktgen
-from ktgen import cli, isa
+from ktgen import cli, isa, workload
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_AVX512 = not isa.missing_features("avx512")
@@ -87,13 +87,13 @@ def test_check_subset_of_experts_says_so(capsys, custom_spec):
 
 def test_plan_takes_a_subset_of_a_layer_too_big_for_memory():
     spec = ktgen.load_spec("deepseek-v3")      # 256 experts of 7168 x 2048: ~21 GiB of bf16
-    plan = cli._plan(spec, None)
-    assert plan.subset and plan.spec.expert_num == cli.DEFAULT_SUBSET
+    plan = workload.plan(spec, None)
+    assert plan.subset and plan.spec.expert_num == workload.DEFAULT_SUBSET
     assert plan.spec.hidden_size == spec.hidden_size
     assert plan.spec.intermediate_size == spec.intermediate_size
     assert plan.spec.num_experts_per_tok == spec.num_experts_per_tok
     assert plan.spec.name == spec.name and "SUBSET" in plan.note
-    full = cli._plan(ktgen.load_spec("tiny"), None)
+    full = workload.plan(ktgen.load_spec("tiny"), None)
     assert not full.subset and full.spec.expert_num == 8
 
 

@@ -11,6 +11,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 import ktgen
 from ktgen import isa as isa_mod
 from ktgen.render import render
+from ktgen.settings import BUILD_ENV
 from helpers import ALL_TIERS, RUN_TIERS, awkward_spec, qwen_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +265,7 @@ def test_avx512_source_compiles_with_gcc(tmp_path, case):
         "amx_int8": (awkward_spec("float32").replace(quant={"mode": "int8"}), False),
     }[case]
     tier = "amx" if case.startswith("amx") else "avx512"
-    r = render(spec, tier, vnni=vnni)
+    r = render(spec, ktgen.Target(tier, {"vnni"} if vnni else ()))
     (tmp_path / r.header_name).write_text(r.header)
     src = tmp_path / f"{spec.name}.c"
     src.write_text(r.source)
@@ -295,3 +298,95 @@ def test_rendering_is_pure(monkeypatch):
     assert render(spec.replace(max_len=101), "avx2").source != once.source
     # the header documents the spec it was rendered for
     assert spec.name in once.header
+
+
+# ---- the cache key covers every input of the build (issue 16, item 1) ----
+
+def _key(spec) -> str:
+    from ktgen import compiler, target
+    t = target.select(spec)
+    return compiler.cache_key(render(spec, t), t)
+
+
+@pytest.mark.parametrize("var, value", [("CFLAGS", "-g"), ("CPPFLAGS", "-DKTGEN_PROBE=1"),
+                                        ("LDFLAGS", "-Wl,-O1"), ("LDSHARED", "cc -shared -Wl,-O1")])
+def test_build_environment_changes_the_cache_key(monkeypatch, var, value):
+    """setuptools adds these to the compile or link line of a cffi build: a change must miss."""
+    for name in BUILD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    plain = _key(PROBE)
+    monkeypatch.setenv(var, value)
+    assert _key(PROBE) != plain, f"{var} is not in the cache key"
+    monkeypatch.setenv(var, value + " ")
+    assert len({plain, _key(PROBE)}) == 2
+
+
+def test_every_word_of_the_compiler_command_is_in_the_cache_key(monkeypatch):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("KTGEN_CC", cc)
+    plain = _key(PROBE)
+    monkeypatch.setenv("KTGEN_CC", f"{cc} -O0")
+    with_flag = _key(PROBE)
+    monkeypatch.setenv("KTGEN_CC", f"{cc} -O1")
+    assert len({plain, with_flag, _key(PROBE)}) == 3
+
+
+def test_build_environment_reaches_the_build_and_misses_the_cache(probe, monkeypatch):
+    """A real compile: the entry built without CFLAGS is not reused with them, and the build
+    really reads them (a flag the compiler rejects fails it)."""
+    first, _, cache_dir = probe
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache_dir))
+    for name in BUILD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert ktgen.compile(PROBE).cache_key == first.cache_key
+    monkeypatch.setenv("CPPFLAGS", "-DKTGEN_PROBE=1")
+    k = ktgen.compile(PROBE)
+    assert k.compiled is True and k.cache_key != first.cache_key
+    monkeypatch.setenv("CFLAGS", "-fktgen-no-such-option")
+    with pytest.raises(ktgen.CompilerError, match="ktgen-no-such-option"):
+        ktgen.compile(PROBE)
+
+
+def test_the_compiler_command_reaches_the_build(probe, monkeypatch):
+    _, _, cache_dir = probe
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("KTGEN_CC", f"{cc} -fktgen-no-such-option")
+    with pytest.raises(ktgen.CompilerError, match="ktgen-no-such-option"):
+        ktgen.compile(PROBE)
+
+
+# ---- compiling leaves process state alone (item 3) ----
+
+def test_compiling_leaves_the_cwd_and_the_environment_alone(tmp_path, monkeypatch):
+    """One thread compiles while this one watches os.getcwd() and os.environ: neither changes."""
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CC", raising=False)
+    spec = PROBE.replace(name="compile_process_state", isa="generic")
+    cwd, env = os.getcwd(), dict(os.environ)
+    result = {}
+
+    def build():
+        try:
+            result["kernel"] = ktgen.compile(spec)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=build)
+    changes = []
+    worker.start()
+    while worker.is_alive():
+        if os.getcwd() != cwd:
+            changes.append(f"cwd {os.getcwd()}")
+        now = dict(os.environ)
+        if now != env:
+            changes.append(f"environment {sorted(set(now.items()) ^ set(env.items()))}")
+        time.sleep(0.0005)
+    worker.join()
+    assert "error" not in result, result.get("error")
+    assert result["kernel"].compiled is True
+    assert not changes, changes[:3]

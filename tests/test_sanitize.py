@@ -296,9 +296,9 @@ def test_sanitize_flags_change_the_cache_key(monkeypatch):
                          intermediate_size=32, max_len=4, isa="generic")
     rendered = render(spec, "generic")
     cc = shutil.which("cc") or "gcc"
-    plain = compiler.cache_key(rendered, "generic", compiler.build_flags("generic"), cc)
-    sanitized = compiler.cache_key(rendered, "generic",
-                                   compiler.build_flags("generic", ("address", "undefined")), cc)
+    plain = compiler.cache_key(rendered, ktgen.Target("generic", cc=cc))
+    target = ktgen.Target("generic", cc=cc, sanitize=("address", "undefined"))
+    sanitized = compiler.cache_key(rendered, target)
     assert plain != sanitized
-    flags = compiler.build_flags("generic", ("address", "undefined"))
-    assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=all" in flags
+    assert "-fsanitize=address,undefined" in target.cflags and "-fno-sanitize-recover=all" in target.cflags
+    assert "-fsanitize=address,undefined" in target.ldflags
