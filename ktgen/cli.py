@@ -315,8 +315,10 @@ def cmd_cache(args) -> int:
 
     root = settings().cache_dir
     if args.action == "clear":
-        n = clear_cache()
+        n, in_flight = clear_cache()
         _out(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {root}")
+        if in_flight:
+            _out(f"left {len(in_flight)} being built by another process: {', '.join(in_flight)}")
         return 0
     entries = cache_entries()
     if not entries:

@@ -11,7 +11,8 @@ corrupt entry reads as a miss and is rebuilt.
 cffi's build changes the working directory and reads the compiler from os.environ["CC"], both
 process-wide; it runs in a child Python process instead, so that compiling leaves the caller's
 working directory and environment alone. Builds of one key are serialized across processes with
-a file lock (`<entry>.lock`), and inside one process with a thread lock.
+a file lock (`<entry>.lock`, never deleted: a lock file removed while held stops excluding), and
+inside one process with a thread lock.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import cffi
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import target as target_mod
 from ._version import __version__
@@ -313,16 +314,40 @@ def cache_entries() -> list[dict]:
     return out
 
 
-def clear_cache() -> int:
-    """Remove every entry of the cache directory; returns how many were removed."""
+def _entry_of_build_dir(name: str) -> str:
+    """.build-<entry name>-<random> -> <entry name> (tempfile's random part has no '-')."""
+    return name[len(BUILD_PREFIX):].rsplit("-", 1)[0]
+
+
+def clear_cache() -> tuple[int, list[str]]:
+    """Remove the cache's entries and leftover build directories, except those of builds in
+    flight. Returns (entries removed, names of entries left because a build holds their lock).
+
+    Each entry goes under its lock, taken without waiting: a lock another process (or thread)
+    holds means a build is writing that entry or its .build-* directory, so both stay. Lock
+    files always stay: a lock file deleted while a build holds or waits on it would let a
+    second build of the same entry start beside the first."""
     root = settings().cache_dir
     if not root.is_dir():
-        return 0
-    removed = 0
-    for p in root.iterdir():
-        if p.is_dir():
+        return 0, []
+    removed, in_flight = 0, []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir():
+            continue
+        is_build = p.name.startswith(BUILD_PREFIX)
+        if p.name.startswith(".") and not is_build:
+            continue
+        entry = root / (_entry_of_build_dir(p.name) if is_build else p.name)
+        lock = FileLock(str(_lock_path(entry)))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not is_build:
+                in_flight.append(p.name)
+            continue
+        try:
             shutil.rmtree(p, ignore_errors=True)
-            removed += 1
-        else:
-            p.unlink(missing_ok=True)
-    return removed
+        finally:
+            lock.release()
+        removed += not is_build
+    return removed, in_flight

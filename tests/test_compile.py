@@ -360,6 +360,65 @@ def test_the_compiler_command_reaches_the_build(probe, monkeypatch):
         ktgen.compile(PROBE)
 
 
+# ---- `ktgen cache clear` beside a build in flight (item 2) ----
+
+SLOW_CC = """#!/bin/sh
+# A C compiler that waits for $KTGEN_TEST_MARK/go before compiling (--version answers at once).
+for a in "$@"; do [ "$a" = --version ] && exec {cc} "$@"; done
+touch "$KTGEN_TEST_MARK/started"
+while [ ! -e "$KTGEN_TEST_MARK/go" ]; do sleep 0.05; done
+exec {cc} "$@"
+"""
+
+
+def test_cache_clear_leaves_a_build_in_flight_alone(tmp_path, monkeypatch, capsys):
+    from ktgen import cli
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    cache, mark = tmp_path / "cache", tmp_path / "mark"
+    mark.mkdir()
+    slow_cc = tmp_path / "slow-cc"
+    slow_cc.write_text(SLOW_CC.format(cc=cc))
+    slow_cc.chmod(0o755)
+    spec = PROBE.replace(name="compile_in_flight", isa="generic")
+    env = child_env(cache)
+    env.update(KTGEN_CC=str(slow_cc), KTGEN_TEST_MARK=str(mark))
+    proc = subprocess.Popen(child_args(spec), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (mark / "started").exists():
+            assert proc.poll() is None, f"the build ended early:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the build never reached the compiler"
+            time.sleep(0.05)
+        building = [p for p in cache.iterdir() if p.name.startswith(".build-")]
+        locks = [p for p in cache.iterdir() if p.name.endswith(".lock")]
+        (entry,) = entries(cache)
+        assert building and locks
+        # beside it: a finished entry of another spec and the build directory of a dead process
+        done = cache / "other-0123456789abcdef0123"
+        done.mkdir()
+        (done / MANIFEST).write_text("{}")
+        dead = cache / ".build-ghost-0123456789abcdef0123-x1y2"
+        dead.mkdir()
+        monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache))
+        assert cli.main(["cache", "clear"]) == 0
+        out = capsys.readouterr().out
+        assert "removed 1 cache entry" in out and entry.name in out
+        assert not done.exists() and not dead.exists()
+        assert entry.is_dir() and all(p.is_dir() for p in building) and all(p.exists() for p in locks)
+    finally:
+        (mark / "go").touch()
+    stdout, stderr = proc.communicate(timeout=300)
+    result = parse_child(stdout, stderr, proc.returncode)
+    assert result["compiled"] is True and Path(result["path"]) == entry
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["key"] == result["key"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".build-")]
+
+
 # ---- compiling leaves process state alone (item 3) ----
 
 def test_compiling_leaves_the_cwd_and_the_environment_alone(tmp_path, monkeypatch):
