@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 
 import ml_dtypes
@@ -123,7 +124,7 @@ class SavedForward:
         self._moe_id = id(moe)
         self.slot = slot
         self.tokens = tokens
-        self._finalizer = weakref.finalize(self, moe._release_slot, slot)
+        self._finalizer = weakref.finalize(self, moe._drop_slot, slot)
 
     @property
     def consumed(self) -> bool:
@@ -204,6 +205,7 @@ class MoE:
         if self._runners is None:
             return [fn(0, self._parts[0])]
         futures = [r.submit(fn, p, part) for p, (r, part) in enumerate(zip(self._runners, self._parts))]
+        wait(futures)  # every partition finishes before a failure of one is raised
         return [f.result() for f in futures]
 
     def _lora_ctype(self) -> str:
@@ -291,16 +293,37 @@ class MoE:
             raise
         return out, SavedForward(self, slot, x.shape[0])
 
-    def _release_slot(self, slot: int) -> None:
-        for part in self._parts:
-            self.kernel.fn("release")(part, slot)
+    def _release_slot(self, slot: int, kernel_released: bool = False) -> None:
+        """Give a slot back: the kernel's release on every partition, then the free list.
+        kernel_released: a backward that succeeded on every partition released it already (api.h).
+        A release that fails raises KernelError and keeps the slot out of use, since the kernel
+        may still hold it."""
+        if not kernel_released:
+            errors = []
+            for p, part in enumerate(self._parts):
+                rc = self.kernel.fn("release")(part, slot)
+                if rc != 0:
+                    errors.append(f"partition {p}: {self.kernel.error(rc)} (code {rc})")
+            if errors:
+                raise KernelError(f"{self.kernel.rendered.prefix}_release of saved-forward slot {slot} "
+                                  f"failed ({'; '.join(errors)}); the slot stays out of use")
         with self._slot_lock:
             if slot not in self._free_slots:
                 self._free_slots.append(slot)
                 self._free_slots.sort()
 
+    def _drop_slot(self, slot: int) -> None:
+        """The finalizer of a SavedForward dropped without a backward: nobody to raise to."""
+        try:
+            self._release_slot(slot)
+        except KernelError as exc:
+            warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+
     def backward(self, saved: SavedForward, grad_out) -> Grads:
-        """Gradients of the input, the routing weights and the LoRA matrices (§2)."""
+        """Gradients of the input, the routing weights and the LoRA matrices (docs/design.md,
+        "The math"). An argument rejected here, before any kernel runs, leaves `saved` usable;
+        once the kernels run, its slot is given back whether they succeed or fail (api.h: backward
+        releases the slot), and a failure raises KernelError."""
         if not isinstance(saved, SavedForward) or saved._moe_id != id(self):
             raise ValueError("saved: expected the SavedForward returned by this MoE's forward_train")
         if saved.consumed:
@@ -338,10 +361,15 @@ class MoE:
             self._call("backward", part, saved.slot, gop, self._ptr(grad_inputs[p], "float *"),
                        self._ptr(grad_routing[p], "float *"), *ptrs)
 
+        saved._finalizer.detach()  # consumed: this backward gives the slot back, once
         try:
-            self._each_partition(run)
-        finally:
-            saved._finalizer()  # the slot is free again, whatever happened
+            self._each_partition(run)  # returns or raises once every partition is done
+        except BaseException:
+            # A failed kernel kept the slot (on its partition); release it everywhere (releasing
+            # a free slot is not an error), so that the kernel and the free list agree.
+            self._release_slot(saved.slot)
+            raise
+        self._release_slot(saved.slot, kernel_released=True)
         for name, parts in summed.items():
             lora_grads[name] = self._merge(parts).astype(lora_dtype(spec))
         return Grads(

@@ -4,6 +4,7 @@ set_lora, determinism across runs and thread counts."""
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +192,94 @@ def test_bad_grad_out_keeps_the_saved_usable():
     with pytest.raises(ValueError, match="grad_out"):
         moe.backward(saved, go.astype(np.float32))
     assert_grads_identical(moe.backward(saved, go), alone)
+
+
+# ---- the error paths of slot release (issue 16, item 5) ----
+
+ERR_SLOT = 5  # the kernels' "slot index is outside the saved-forward slots"
+SLOT_SPEC = ktgen.MoESpec(name="slot_errors", expert_num=4, num_experts_per_tok=2, hidden_size=64,
+                          intermediate_size=64, max_len=8, tp_count=2, lora=dict(rank=2), isa="generic")
+
+
+class FaultyKernel:
+    """The MoE's kernel with some C functions replaced (each wrapper calls the real one)."""
+
+    def __init__(self, kernel, **replaced):
+        self.real, self.replaced = kernel, replaced
+
+    def fn(self, name):
+        return self.replaced.get(name) or self.real.fn(name)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def slot_moe():
+    weights = base_weights(SLOT_SPEC, 0, 0.02)
+    lora = ktgen.LoRAWeights.random(SLOT_SPEC, np.random.default_rng(1), lora_std(SLOT_SPEC, 0.02))
+    return ktgen.MoE(SLOT_SPEC, *weights, lora)
+
+
+def test_a_failing_backward_gives_its_slot_back_on_every_partition():
+    """Partition 0's backward fails in C (a NULL grad_input: ERR_NULL, and the kernel keeps the
+    slot); partition 1's succeeds, later. backward raises only once both are done, and the slot
+    is free again in both kernels and in the pool (as api.h says backward leaves it)."""
+    moe = slot_moe()
+    x, ids, rw, go = batch(SLOT_SPEC, 9, T=6)
+    _, saved = moe.forward_train(x, ids, rw)
+    clean = moe.backward(saved, go)
+    real = moe.kernel.fn("backward")
+    finished = []
+
+    def backward(part, slot, grad_out, grad_input, *rest):
+        if part == moe._parts[0]:
+            return real(part, slot, grad_out, moe.kernel.ffi.NULL, *rest)
+        time.sleep(0.3)
+        rc = real(part, slot, grad_out, grad_input, *rest)
+        finished.append(rc)
+        return rc
+
+    _, saved = moe.forward_train(x, ids, rw)
+    moe.kernel = FaultyKernel(moe.kernel, backward=backward)
+    with pytest.raises(ktgen.KernelError, match="backward.*NULL"):
+        moe.backward(saved, go)
+    assert finished == [0], "backward raised while another partition was still running on the slot"
+    moe.kernel = moe.kernel.real
+    assert saved.consumed
+    with pytest.raises(ValueError, match="saved"):
+        moe.backward(saved, go)
+    # every slot is free in the kernels too: a slot still taken there fails forward_train
+    pairs = [moe.forward_train(x, ids, rw) for _ in range(SLOT_SPEC.max_cache_depth)]
+    assert_grads_identical(moe.backward(pairs[0][1], go), clean)
+
+
+def test_a_failing_release_is_reported_and_its_slot_kept_out_of_use():
+    """The release's return code is checked: a saved forward dropped without a backward warns
+    when the kernel refuses the release, and a failed backward raises it; the slot the kernel
+    may still hold is not handed out again."""
+    moe = slot_moe()
+    x, ids, rw, go = batch(SLOT_SPEC, 10, T=5)
+    depth = SLOT_SPEC.max_cache_depth
+    real_release = moe.kernel.fn("release")
+
+    def release(part, slot):
+        return real_release(part, depth)  # out of range: the kernel answers ERR_SLOT
+
+    _, saved = moe.forward_train(x, ids, rw)
+    moe.kernel = FaultyKernel(moe.kernel, release=release)
+    with pytest.warns(RuntimeWarning, match=f"release of saved-forward slot 0 failed.*code {ERR_SLOT}"):
+        del saved
+        gc.collect()
+    _, saved = moe.forward_train(x, ids, rw)   # slot 1: slot 0 is out of use
+    assert saved.slot == 1
+    real_backward = moe.kernel.fn("backward")
+    moe.kernel.replaced["backward"] = lambda part, slot, g, gi, *rest: real_backward(part, slot, g, moe.kernel.ffi.NULL, *rest)
+    with pytest.raises(ktgen.KernelError, match="release of saved-forward slot 1 failed") as info:
+        moe.backward(saved, go)
+    assert "NULL" in str(info.value.__context__)  # the backward's own error comes with it
+    moe.kernel = moe.kernel.real
+    with pytest.raises(ktgen.CacheFullError):
+        moe.forward_train(x, ids, rw)
 
 
 # ---- zero-copy LoRA (§4, LESSONS 14) ----
