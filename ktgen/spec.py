@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic._internal._model_construction import ModelMetaclass
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -50,12 +51,47 @@ DIM_ALIGNMENT = 32
 
 
 class SpecError(ValueError):
-    """A spec file or name that cannot be turned into a valid MoESpec."""
+    """A spec that cannot be turned into a valid MoESpec: a bad file or name, or a field
+    that breaks a rule of contract §3 (one line per problem, each naming the field by its
+    dotted path). ``errors()`` gives pydantic's structured errors when validation failed
+    (an empty list otherwise)."""
+
+    def __init__(self, message: str, errors: list | None = None):
+        super().__init__(message)
+        self._errors = list(errors or [])
+
+    def errors(self) -> list:
+        return list(self._errors)
 
 
-class _SpecModel(BaseModel):
+def _spec_error(err: ValidationError, source: str | None = None) -> SpecError:
+    where = f"spec {source}: " if source else ""
+    errors = err.errors()
+    return SpecError("\n".join(where + _describe(e) for e in errors), errors)
+
+
+class _SpecMeta(ModelMetaclass):
+    # The constructor raises SpecError. Done in the metaclass, not in __init__: pydantic calls
+    # a custom __init__ for nested models too, which would wrap the error a second time.
+    def __call__(cls, *args: Any, **kwargs: Any):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise _spec_error(err) from None
+
+
+class _SpecModel(BaseModel, metaclass=_SpecMeta):
     # strict: a YAML `true` or "2048" is a mistake in a spec, not a value to coerce.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # Building a spec (the constructor, model_validate, replace) raises SpecError naming
+    # each bad field, not pydantic's ValidationError.
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any):
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as err:
+            raise _spec_error(err) from None
 
 
 class QuantSpec(_SpecModel):
@@ -198,9 +234,13 @@ class MoESpec(_SpecModel):
             raise SpecError(f"spec {source}: expected a mapping of spec fields, got {found}")
         try:
             return cls.model_validate(data)
-        except ValidationError as err:
-            lines = [f"spec {source}: {_describe(error)}" for error in err.errors()]
-            raise SpecError("\n".join(lines)) from err
+        except SpecError as err:
+            raise _spec_error_at(err, source) from None
+
+
+def _spec_error_at(err: SpecError, source: str) -> SpecError:
+    lines = [f"spec {source}: {line}" for line in str(err).splitlines()]
+    return SpecError("\n".join(lines), err.errors())
 
 
 def _one_line(err: Exception) -> str:

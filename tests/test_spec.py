@@ -145,7 +145,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("field, changes", BAD_VALUES)
 def test_bad_value_names_field(field, changes):
-    with pytest.raises(ValidationError) as excinfo:
+    with pytest.raises(SpecError) as excinfo:
         make(**changes)
     locs = [".".join(map(str, error["loc"])) for error in excinfo.value.errors()]
     assert field in locs
@@ -167,8 +167,22 @@ def test_bad_value_in_yaml_names_field(tmp_path, field, changes):
 )
 def test_required_fields(field):
     data = {key: value for key, value in BASE.items() if key != field}
-    with pytest.raises(ValidationError, match=field):
+    with pytest.raises(SpecError, match=field):
         MoESpec(**data)
+
+
+def test_constructor_raises_spec_error_naming_the_field():
+    # ktgen.SpecError (a ValueError), not pydantic's raw ValidationError.
+    with pytest.raises(SpecError) as excinfo:
+        make(hidden_size=48)
+    assert isinstance(excinfo.value, ValueError)
+    assert not isinstance(excinfo.value, ValidationError)
+    assert str(excinfo.value).startswith("field 'hidden_size': ")
+    assert "(got 48)" in str(excinfo.value)
+    with pytest.raises(SpecError, match="field 'rank'"):
+        LoRASpec(rank=0)
+    with pytest.raises(SpecError, match="field 'intermediate_size'"):
+        MoESpec.model_validate({**BASE, "intermediate_size": 48})
 
 
 def test_every_error_is_reported_one_per_line():
@@ -214,9 +228,9 @@ def test_replace_revalidates():
     assert spec.replace(tp_count=2).tp_count == 2
     assert spec.replace(tp_count=2).hidden_size == spec.hidden_size
     assert spec == make()  # the original is untouched
-    with pytest.raises(ValidationError, match="intermediate_size"):
+    with pytest.raises(SpecError, match="intermediate_size"):
         spec.replace(tp_count=3)
-    with pytest.raises(ValidationError, match="bogus"):
+    with pytest.raises(SpecError, match="bogus"):
         spec.replace(bogus=1)
 
 
@@ -287,7 +301,7 @@ def test_unknown_key(tmp_path, extra, key):
 
 
 def test_unknown_key_in_constructor():
-    with pytest.raises(ValidationError, match="lora.rnk"):
+    with pytest.raises(SpecError, match="lora.rnk"):
         make(lora={"rnk": 4})
 
 
