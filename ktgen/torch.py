@@ -72,7 +72,7 @@ from . import adapters
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
-__all__ = ["KTMoE", "from_hf_experts", "load_adapter", "save_adapter"]
+__all__ = ["KTMoE", "UnsupportedExpertsError", "from_hf_experts", "load_adapter", "save_adapter"]
 
 _LORA_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -96,7 +96,7 @@ def _from_np(a: np.ndarray) -> torch.Tensor:
 
 def _base_weight(name: str, w):
     """A base weight as ktgen.MoE takes it: bf16 C-contiguous NumPy (tensors of any float
-    dtype and float arrays are rounded to bf16); other objects (§6 pre-quantized) as given."""
+    dtype and float arrays are rounded to bf16); other objects (pre-quantized, docs/design.md#base-weight-formats) as given."""
     if isinstance(w, torch.Tensor):
         if w.device.type != "cpu":
             w = w.cpu()
@@ -194,7 +194,7 @@ class KTMoE(nn.Module):
 
     spec: a ktgen.MoESpec, a bundled spec name or a YAML path. gate, up [E, I, H] and down
     [E, H, I]: torch tensors or NumPy arrays of any float dtype (rounded to bf16, then
-    quantized per spec.quant), or §6 pre-quantized objects. lora: optional initial values (a
+    quantized per spec.quant), or pre-quantized objects (docs/design.md#base-weight-formats). lora: optional initial values (a
     ktgen.LoRAWeights or a mapping of the six names to tensors/arrays), else PEFT's
     initialisation (A Kaiming-uniform as nn.Linear, B zero: the layer starts as the base).
     """
@@ -335,7 +335,7 @@ class KTMoE(nn.Module):
         return torch.from_numpy(self.moe.dequantized(name))
 
     def lora_scale(self) -> float:
-        """s of contract §2 (alpha / rank, or alpha / sqrt(rank) with rsLoRA); 0 without LoRA."""
+        """s of docs/design.md#the-math (alpha / rank, or alpha / sqrt(rank) with rsLoRA); 0 without LoRA."""
         return self.spec.lora.scale if self.spec.lora is not None else 0.0
 
     def peft_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -465,14 +465,139 @@ def _top_k_of(module) -> int | None:
     return None
 
 
-def _check_silu(module) -> None:
+class UnsupportedExpertsError(ValueError):
+    """A Hugging Face experts module whose computation ktgen does not reproduce exactly (a
+    clamp, an overridden gate, another activation, biases, ...): refused rather than run
+    wrong. The message names the module's class and the reason."""
+
+
+# Attributes through which transformers' experts classes clamp their gated activation
+# (DeepSeek-V4, gpt-oss, Step3, MiniMax, ... : `limit` from `config.swiglu_limit`).
+_CLAMP_ATTRS = ("limit", "swiglu_limit", "activation_clamp", "clamp_limit", "alpha")
+_CLAMP_CONFIG_ATTRS = ("swiglu_limit", "activation_clamp", "swiglu_alpha")
+
+
+def _refuse(module, reason: str):
+    raise UnsupportedExpertsError(
+        f"module: {type(module).__module__}.{type(module).__qualname__} cannot run on ktgen: "
+        f"{reason}. ktgen computes exactly down(silu(gate x) * up x) per expert (docs/design.md#the-math), "
+        f"with no bias, clamp or other activation")
+
+
+def _check_activation(module) -> None:
     act = getattr(module, "act_fn", None)
     if act is None:
+        _refuse(module, "it has no act_fn, so its activation is unknown")
+    try:
+        from transformers.activations import SiLUActivation
+        silu_types: tuple = (nn.SiLU, SiLUActivation)
+    except ImportError:  # pragma: no cover - transformers < 5
+        silu_types = (nn.SiLU,)
+    if type(act) not in silu_types:
+        _refuse(module, f"its activation act_fn is {type(act).__name__}, not SiLU")
+
+
+def _check_config(module) -> None:
+    config = getattr(module, "config", None)
+    act = getattr(config, "hidden_act", None)
+    if isinstance(act, str) and act not in ("silu", "swish"):
+        _refuse(module, f"its config has hidden_act = {act!r}, not 'silu'")
+    for attr in _CLAMP_CONFIG_ATTRS:
+        v = getattr(config, attr, None)
+        if v is not None and v is not False:
+            _refuse(module, f"its config sets {attr} = {v!r}: the gated activation is clamped")
+
+
+def _check_fused_experts(module) -> None:
+    """Refuse a transformers >= 5 fused experts module unless it computes what ktgen does."""
+    for attr in _CLAMP_ATTRS:
+        v = getattr(module, attr, None)
+        if v is not None and not isinstance(v, (nn.Module, torch.Tensor)) and v is not False:
+            _refuse(module, f"it has {attr} = {v!r} (a swiglu_limit-style clamp of the "
+                            f"gate/up activations, which ktgen's kernels do not apply)")
+    apply_gate = getattr(type(module), "_apply_gate", None)
+    if apply_gate is not None:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:  # pragma: no cover
+            _default_apply_gate = None
+        if apply_gate is not _default_apply_gate:
+            where = getattr(apply_gate, "__qualname__", repr(apply_gate))
+            _refuse(module, f"its class overrides _apply_gate ({where}), so its gated "
+                            f"activation is not silu(gate) * up")
+    if getattr(module, "has_bias", False):
+        _refuse(module, "it has biases (has_bias = True)")
+    if getattr(module, "has_gate", True) is False:
+        _refuse(module, "it has no gate projection (has_gate = False)")
+    if getattr(module, "has_post_expert_norm", False):
+        _refuse(module, "it normalizes each expert's output (has_post_expert_norm = True)")
+    extra = [n for n, _ in itertools.chain(module.named_parameters(recurse=False),
+                                           module.named_buffers(recurse=False))
+             if n not in ("gate_up_proj", "down_proj")]
+    if extra:
+        _refuse(module, f"it holds {', '.join(extra)} besides gate_up_proj and down_proj "
+                        f"(biases, scales or other state ktgen would drop)")
+    children = [n for n, c in module.named_children() if n != "act_fn"]
+    if children:
+        _refuse(module, f"it has submodules {', '.join(children)} besides act_fn")
+    _check_activation(module)
+    _check_config(module)
+
+
+def _check_mlp_expert(mlp, names) -> None:
+    """Refuse an older per-expert MLP (gate_proj/up_proj/down_proj or w1/w3/w2) unless exact."""
+    for n in names:
+        lin = getattr(mlp, n)
+        if not isinstance(lin, nn.Linear):
+            _refuse(mlp, f"its {n} is a {type(lin).__name__}, not an nn.Linear")
+        if lin.bias is not None:
+            _refuse(mlp, f"its {n} has a bias")
+    for attr in _CLAMP_ATTRS:
+        v = getattr(mlp, attr, None)
+        if v is not None and not isinstance(v, (nn.Module, torch.Tensor)) and v is not False:
+            _refuse(mlp, f"it has {attr} = {v!r} (a clamp of the gate/up activations)")
+    _check_activation(mlp)
+    _check_config(mlp)
+
+
+def _probe_inputs(g: torch.Tensor, n: int, scale: float, gen: torch.Generator):
+    """n inputs [n, H] whose gate pre-activations have RMS about `scale`."""
+    x = torch.randn(n, g.shape[-1], generator=gen, dtype=torch.float32)
+    pre = x @ g.float().T
+    rms = float(pre.pow(2).mean().sqrt())
+    return x * (scale / rms if rms > 0 else 1.0)
+
+
+def _probe(module, g, u, d, experts_list=None) -> None:
+    """Run the module itself on a few tokens at a moderate and at a large activation scale
+    (where a clamp binds) and compare with silu(g x) * (u x) through down: a forward that does
+    something else (an override the checks above do not know) is refused, not run wrong."""
+    if any(t.device.type == "meta" for t in (g, u, d)):
         return
-    name = type(act).__name__.lower()
-    if "silu" not in name and "swish" not in name:
-        raise ValueError(f"module: the experts use activation {type(act).__name__}; ktgen computes "
-                         f"silu(gate) * up (§2)")
+    E = g.shape[0]
+    experts = sorted({0, E - 1, E // 2, 1 % E})
+    dtype = g.dtype
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 4e-2
+    gen = torch.Generator().manual_seed(1234)
+    for scale in (2.0, 200.0):
+        for e in experts:
+            x = _probe_inputs(g[e], 4, scale, gen)
+            xd = x.to(dtype)
+            xf = xd.float()
+            gf, uf, df = g[e].float(), u[e].float(), d[e].float()
+            want = (torch.nn.functional.silu(xf @ gf.T) * (xf @ uf.T)) @ df.T
+            with torch.no_grad():
+                if experts_list is None:  # transformers >= 5: forward(x, top_k_index, top_k_weights)
+                    ids = torch.full((4, 1), e, dtype=torch.int64)
+                    got = module(xd, ids, torch.ones(4, 1, dtype=dtype))
+                else:
+                    got = experts_list[e](xd)
+            got = got.float()
+            err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            if not err <= tol:
+                _refuse(module, f"its forward differs from silu(gate) * up on expert {e} "
+                                f"(relative L2 {err:.3g} at gate pre-activations of RMS "
+                                f"{scale:g}; a clamp, an overridden gate or another activation)")
 
 
 def _hf_weights(module: nn.Module):
@@ -482,11 +607,7 @@ def _hf_weights(module: nn.Module):
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == 3:
-        if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:
-            raise ValueError("module: the experts have biases; ktgen's experts have none")
-        if getattr(module, "has_gate", True) is False:
-            raise ValueError("module: the experts have no gate projection; ktgen computes silu(gate) * up")
-        _check_silu(module)
+        _check_fused_experts(module)
         gu, dn = gate_up.detach(), down.detach()
         if getattr(module, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
             gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
@@ -495,6 +616,7 @@ def _hf_weights(module: nn.Module):
             g, u = gu[:, : I2 // 2], gu[:, I2 // 2:]
         else:  # interleaved rows gate0, up0, gate1, up1, ...
             g, u = gu[:, 0::2], gu[:, 1::2]
+        _probe(module, g, u, dn)
         return g, u, dn, module
     experts = getattr(module, "experts", None)
     if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
@@ -508,12 +630,13 @@ def _hf_weights(module: nn.Module):
                 names = cand
         if names is None or any(e is None for e in experts):
             raise ValueError("module: expected experts with gate_proj/up_proj/down_proj or w1/w3/w2")
-        _check_silu(experts[0])
         for e in experts:
-            for n in names:
-                if getattr(getattr(e, n), "bias", None) is not None:
-                    raise ValueError("module: the experts have biases; ktgen's experts have none")
+            if type(e) is not type(experts[0]):
+                _refuse(e, f"the experts are of different classes ({type(experts[0]).__name__}, "
+                           f"{type(e).__name__})")
+            _check_mlp_expert(e, names)
         stacks = [torch.stack([getattr(e, n).weight.detach() for e in experts]) for n in names]
+        _probe(experts[0], *stacks, experts_list=experts)
         return stacks[0], stacks[1], stacks[2], experts
     raise ValueError(f"module: {type(module).__name__} is neither a Hugging Face MoE block nor its experts "
                      f"(gate_up_proj/down_proj parameters, or a ModuleList of expert MLPs)")
