@@ -1,7 +1,7 @@
 """Convert LoRA adapters between ktgen's per-expert layout and PEFT's layout for expert
 parameters (``LoraConfig(target_parameters=...)``). NumPy only: no torch needed.
 
-ktgen's layout (contract §2, ``ktgen.LoRAWeights``), per layer::
+ktgen's layout (docs/design.md#the-math, ``ktgen.LoRAWeights``), per layer::
 
     gate_a [E, r, H]   gate_b [E, I, r]      g += s * B_gate[e] (A_gate[e] x)
     up_a   [E, r, H]   up_b   [E, I, r]      u += s * B_up[e]   (A_up[e]   x)

@@ -12,7 +12,7 @@ its own figures:
 - torch's 2048^3 matmul in fp32 (the compute roof) and in bf16 (reported separately);
 - a multi-threaded read bandwidth measured in C through cffi and OpenMP (the roof for small T).
 
-The math is CONTRACT.md §2 (e = -1 slots are skipped)::
+The math is that of docs/design.md#the-math (e = -1 slots are skipped)::
 
     g = Wg x + s Bg(Ag x),  u = Wu x + s Bu(Au x),  h = silu(g) * u,
     y = Wd h + s Bd(Ad h),  out = sum_j w_j y_j
@@ -390,7 +390,7 @@ def outputs(impl: str, spec, x, expert_ids, routing_weights, grad_out, gate, up,
             dtype: str = "bf16", backward: bool = True, threads: int | None = None,
             weights: TorchWeights | None = None) -> dict:
     """Run one implementation once and return float64 NumPy results: "out" [T, H] and, with
-    `backward`, "input", "routing_weights" and the six LoRA names (their §2 shapes); a backward
+    `backward`, "input", "routing_weights" and the six LoRA names (their shapes in docs/design.md#the-math); a backward
     that raises gives "backward_error" (its text) instead of the gradients."""
     import torch
     old = _with_threads(threads)

@@ -1,4 +1,4 @@
-"""Quantized base weights (contract §6): quantize, dequantize, and load checkpoint formats.
+"""Quantized base weights (docs/design.md#base-weight-formats): quantize, dequantize, and load checkpoint formats.
 
 A `QuantizedWeights` holds one projection (gate, up or down) stacked over experts, in the
 layout the kernels read, with K the projection's input dim (gate/up: K = hidden_size,
@@ -102,7 +102,8 @@ def _as3d(w) -> np.ndarray:
 
 
 def quantize(w, mode: str, group_size: int | None = None) -> QuantizedWeights:
-    """Round-to-nearest quantization of weights [E, rows, K] (or one matrix [rows, K]) per §6.
+    """Round-to-nearest quantization of weights [E, rows, K] (or one matrix [rows, K]) per
+    docs/design.md#base-weight-formats.
     Works one expert at a time in float32, so a large stack needs no float copy of itself."""
     w = _as3d(w)
     E, rows, K = w.shape

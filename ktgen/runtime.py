@@ -1,4 +1,4 @@
-"""The Python runtime (contract §4): argument checks, saved-forward slots, TP split and merge.
+"""The Python runtime (docs/design.md#the-python-api): argument checks, saved-forward slots, TP split and merge.
 
 Every array is checked (dtype, shape, C-contiguity, expert id range, T) before a pointer
 reaches C; outputs are allocated here, so the kernel never writes into a buffer of the
@@ -38,7 +38,7 @@ class KernelError(RuntimeError):
 
 @dataclass
 class LoRAWeights:
-    """The six LoRA matrices of a layer (§2 shapes, stacked over experts, dtype lora.dtype)."""
+    """The six LoRA matrices of a layer (shapes of docs/design.md#the-math, stacked over experts, dtype lora.dtype)."""
 
     gate_a: np.ndarray  # [E, r, H]
     gate_b: np.ndarray  # [E, I, r]
@@ -176,7 +176,8 @@ class MoE:
             self.set_lora(lora if lora is not None else LoRAWeights.zeros(spec))
 
     def _base_weights(self, name: str, w, shape: tuple[int, int, int]):
-        """The array load_weights reads for one projection: bf16 as given, or quantized (§6)."""
+        """The array load_weights reads for one projection: bf16 as given, or quantized
+        (docs/design.md#base-weight-formats)."""
         q = self.spec.quant
         if isinstance(w, quant.QuantizedWeights):
             if w.mode != q.mode:
@@ -274,7 +275,7 @@ class MoE:
         return out
 
     def forward(self, x, expert_ids, routing_weights) -> np.ndarray:
-        """out bf16 [T, H] (§2); nothing is saved."""
+        """out bf16 [T, H] (docs/design.md#the-math); nothing is saved."""
         return self._forward(x, expert_ids, routing_weights, -1)
 
     def forward_train(self, x, expert_ids, routing_weights) -> tuple[np.ndarray, SavedForward]:

@@ -1,4 +1,4 @@
-"""The spec of one MoE layer (contract §3): validated pydantic models and YAML I/O.
+"""The spec of one MoE layer (docs/design.md#the-spec): validated pydantic models and YAML I/O.
 
 Every rule is checked when a spec is built, so nothing downstream (templates, compiler,
 runtime) has to guard against a zero group size or a shape that does not split evenly.
@@ -52,8 +52,8 @@ DIM_ALIGNMENT = 32
 
 class SpecError(ValueError):
     """A spec that cannot be turned into a valid MoESpec: a bad file or name, or a field
-    that breaks a rule of contract §3 (one line per problem, each naming the field by its
-    dotted path). ``errors()`` gives pydantic's structured errors when validation failed
+    that breaks a rule of docs/design.md#the-spec (one line per problem, each naming the field
+    by its dotted path). ``errors()`` gives pydantic's structured errors when validation failed
     (an empty list otherwise)."""
 
     def __init__(self, message: str, errors: list | None = None):
@@ -95,7 +95,7 @@ class _SpecModel(BaseModel, metaclass=_SpecMeta):
 
 
 class QuantSpec(_SpecModel):
-    """How the frozen base weights are stored (contract §6)."""
+    """How the frozen base weights are stored (docs/design.md#base-weight-formats)."""
 
     mode: Literal["bf16", "int8", "awq", "k2"] = "bf16"
     group_size: Annotated[int, Field(ge=1)] | None = Field(default=None, validate_default=True)
@@ -133,7 +133,7 @@ class LoRASpec(_SpecModel):
 
     @property
     def scale(self) -> float:
-        """The factor s that multiplies every B(Ax) term (contract §2)."""
+        """The factor s that multiplies every B(Ax) term (docs/design.md#the-math)."""
         assert self.alpha is not None  # filled in by validation
         if self.use_rslora:
             return self.alpha / math.sqrt(self.rank)

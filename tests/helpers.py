@@ -60,7 +60,7 @@ def make_inputs(spec, rng, T, std=1.0, ids=None):
 
 
 LORA_KINDS = ["float32", "bfloat16", None]
-# (weight std, activation std): the corners of what real models see (§7).
+# (weight std, activation std): the corners of what real models see (docs/design.md#accuracy).
 MAGNITUDES = [(0.02, 10.0), (1.0, 0.01), (1.0, 10.0), (0.02, 0.01)]
 AWK_MAX_LEN = 100
 AWK_TOKENS = [0, 1, 7, 64, AWK_MAX_LEN]

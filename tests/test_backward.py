@@ -1,4 +1,4 @@
-"""Contract §7 for the backward pass: MoE.backward against the float64 oracle, term by term.
+"""The accuracy limits (docs/design.md#accuracy) for the backward pass: MoE.backward against the float64 oracle, term by term.
 
 grads.input, grads.routing_weights and each of the six LoRA gradients within 2e-2 relL2 of
 reference.backward on the same bf16 inputs and MoE.dequantized weights, for every tier this
@@ -21,7 +21,7 @@ from helpers import (AWK_CASES, AWK_MAX_LEN, GRAD_TOL, LORA_KINDS, LORA_NAMES, O
 
 
 def check_grad_kinds(spec, grads, T):
-    """Types, dtypes and shapes of a Grads (§4)."""
+    """Types, dtypes and shapes of a Grads (docs/design.md#the-python-api)."""
     H, k = spec.hidden_size, spec.num_experts_per_tok
     assert isinstance(grads, ktgen.Grads)
     assert isinstance(grads.input, np.ndarray)
@@ -69,7 +69,7 @@ def test_backward_accuracy_awkward(tier, lora_dtype, T, wstd, xstd):
     out, grad_out, grads = run_backward(moe, x, ids, rw, seed=T)
     assert ref.rel_l2(out, expected_forward(moe, x, ids, rw)) <= OUT_TOL
     assert_grads_close(grads, expected_backward(moe, x, ids, rw, grad_out))
-    # a skipped slot's routing gradient is exactly 0 (§2)
+    # a skipped slot's routing gradient is exactly 0 (docs/design.md#the-math)
     assert not grads.routing_weights[ids == -1].any()
 
 
@@ -177,7 +177,7 @@ def test_backward_accuracy_qwen(tier, variant, wstd, xstd, gstd):
 @pytest.mark.parametrize("tier", RUN_TIERS)
 @pytest.mark.parametrize("variants", [("tp1-f32", "tp2-f32")], ids=["f32"])
 def test_backward_tp2_matches_tp1(tier, variants):
-    """LESSONS 13: gradients of tp_count = 2 equal those of tp_count = 1 within §7, including
+    """LESSONS 13: gradients of tp_count = 2 equal those of tp_count = 1 within the accuracy limits, including
     the sliced LoRA matrices (B of gate/up and A of down) and the summed ones."""
     spec1, spec2 = (qwen_spec(v, tier) for v in variants)
     rng = np.random.default_rng(16)

@@ -125,7 +125,7 @@ def bad_array(good: np.ndarray, kind: str) -> np.ndarray:
 
 
 def fragment(arg: str, kind: str, good_shape: tuple, want: str, bad_dtype: str) -> str:
-    """What the ValueError says: the argument, what it expected and what it got (§4)."""
+    """What the ValueError says: the argument, what it expected and what it got (docs/design.md#the-python-api)."""
     if kind == "dtype":
         return f"{arg}: expected dtype {want}, got {bad_dtype}"
     if kind == "shape":
@@ -384,7 +384,7 @@ def _nonfinite(where, value):
             x[1, 5] = value
         elif where == "routing_weights":
             rw[1, 0] = value
-        elif where == "skipped_slot":  # a NaN weight on a skipped slot adds nothing (§2)
+        elif where == "skipped_slot":  # a NaN weight on a skipped slot adds nothing (docs/design.md#the-math)
             rw[2, 1] = value
             bad = []
         elif where == "weights":  # one weight of expert 2's gate: tokens 1 and 3 use expert 2
@@ -685,12 +685,12 @@ is one test of `tests/test_bad_inputs.py` (`test_bad_input[<id>]`), and
 for row. Regenerate the table with
 `python tests/test_bad_inputs.py > docs/bad_inputs.md`.
 
-General rules (CONTRACT §4): every array argument must be a C-contiguous NumPy array of the
+General rules (docs/design.md#the-python-api): every array argument must be a C-contiguous NumPy array of the
 stated dtype and shape, else `ValueError` naming the argument, what it expected and what it got.
 A rejected `forward_train` takes no saved-forward slot; a rejected `backward` leaves its saved
 forward usable; a rejected `set_lora` leaves the LoRA in use unchanged. NaN and Inf are not
 checked (that would cost a pass over every input): they propagate to `out`, in the tokens they
-touch only. Every `quant.mode` of §3 is implemented, so no spec raises `NotImplementedError`.
+touch only. Every `quant.mode` of docs/design.md#the-spec is implemented, so no spec raises `NotImplementedError`.
 
 The array rows use the `rel_small` spec (E=4, k=2, H=64, I=64, LoRA rank 4 float32, max_len 16,
 T=4); a wrong dtype is float32 for a bf16 array (float64 for a float32 one, float32 for

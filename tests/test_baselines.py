@@ -1,4 +1,4 @@
-"""Tests of ktgen.baselines: the PyTorch baselines compute §2 (against the float64 reference),
+"""Tests of ktgen.baselines: the PyTorch baselines compute docs/design.md#the-math (against the float64 reference),
 grouped_mm agrees with the eager loop, the C bandwidth probe works, and the result dicts have
 their documented keys. Small shapes: the whole file runs in seconds."""
 

@@ -1,4 +1,4 @@
-"""The `ktgen` command line (contract §5), run in-process through ktgen.cli.main."""
+"""The `ktgen` command line (docs/design.md#the-command-line), run in-process through ktgen.cli.main."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ktgen.compile (§4, §5 environment): the Kernel it returns, the on-disk cache and its
+"""ktgen.compile (docs/design.md: the Python API; targets, compiling and the cache): the Kernel it returns, the on-disk cache and its
 integrity checks across processes, the environment variables, the errors, and the avx512
 tier's source compiling even on a CPU without AVX-512."""
 

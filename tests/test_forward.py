@@ -1,4 +1,4 @@
-"""Contract §7 for the forward pass: MoE.forward / forward_train against the float64 oracle.
+"""The accuracy limits (docs/design.md#accuracy) for the forward pass: MoE.forward / forward_train against the float64 oracle.
 
 Every tier this CPU runs, LoRA off / float32 / bfloat16, tp_count 1 and 2, T from 0 to
 max_len, realistic magnitudes (LESSONS 11) and the awkward routings of LESSONS 9-10:
@@ -158,7 +158,7 @@ def test_forward_accuracy_qwen(tier, variant, wstd, xstd):
 
 @pytest.mark.parametrize("tier", RUN_TIERS)
 def test_forward_tp2_matches_tp1(tier):
-    """LESSONS 13: tp_count = 2 computes the same layer as tp_count = 1 (within §7), with LoRA."""
+    """LESSONS 13: tp_count = 2 computes the same layer as tp_count = 1 (within the accuracy limits), with LoRA."""
     spec1 = qwen_spec("tp1-f32", tier)
     rng = np.random.default_rng(13)
     gate, up, down = make_weights(spec1, rng, 0.02)

@@ -1,4 +1,4 @@
-"""Argument checking (§4, LESSONS 1-5): every bad array is a ValueError that names the
+"""Argument checking (docs/design.md#the-python-api, LESSONS 1-5): every bad array is a ValueError that names the
 argument before any pointer reaches C; expert ids and T are range-checked; the accepted
 variants (int32/int64 ids, NaN/Inf activations) work. Also dequantized() and memory()."""
 

@@ -1,4 +1,4 @@
-"""Issue 9: property-based tests (hypothesis) of forward and backward against ktgen.reference (§7).
+"""Issue 9: property-based tests (hypothesis) of forward and backward against ktgen.reference (docs/design.md#accuracy).
 
 Compiling a kernel takes seconds, so the spec is drawn from a fixed pool of six small specs
 compiled once per module (expert_num 1..6, k 1..min(3, E), hidden 32/64/96, intermediate
@@ -6,7 +6,7 @@ compiled once per module (expert_num 1..6, k 1..min(3, E), hidden 32/64/96, inte
 tiers of this CPU in turn); hypothesis varies everything else: T 0..12, the routing (ids in
 -1..E-1 with duplicates, whole rows skipped, everything on one expert), the activation std
 (0.01, 1, 10) and the LoRA values (zero, calibrated, strong), written in place into the
-arrays the MoE already reads (LoRA is zero-copy, §4). Base weights have std 0.5.
+arrays the MoE already reads (LoRA is zero-copy, docs/design.md#the-python-api). Base weights have std 0.5.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_forward_and_backward_match_reference(pool, case):
     assert grads.routing_weights.dtype == np.float32 and grads.routing_weights.shape == (T, k)
     assert ref.rel_l2(grads.input, e["input"]) <= GRAD_TOL
     assert ref.rel_l2(grads.routing_weights, e["routing_weights"]) <= GRAD_TOL
-    # skipped slots get exactly 0 (§2)
+    # skipped slots get exactly 0 (docs/design.md#the-math)
     assert not grads.routing_weights[ids < 0].any()
     if spec.lora is None:
         assert all(getattr(grads, n) is None for n in LORA_NAMES)
@@ -146,7 +146,7 @@ def test_forward_and_backward_match_reference(pool, case):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_results_are_bitwise_reproducible(pool, case):
-    """The same call twice gives the same bits (§4), whatever the routing."""
+    """The same call twice gives the same bits (docs/design.md#the-python-api), whatever the routing."""
     moe = pool[case["i"]]
     x, ids, rw, go = make_data(moe, case)
     runs = []

@@ -1,4 +1,4 @@
-"""Quantized base weights (§6): formulas, checkpoint formats, kernels against the reference."""
+"""Quantized base weights (docs/design.md#base-weight-formats): formulas, checkpoint formats, kernels against the reference."""
 
 from __future__ import annotations
 

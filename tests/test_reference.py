@@ -38,7 +38,7 @@ def make_case(seed=0, T=4, k=2, E=3, H=8, I=6, r=2, dtype=np.float64, std=0.5):
 
 
 def naive_forward(x, expert_ids, routing_weights, gate, up, down, lora=None, scale=1.0):
-    """Dead-simple per-token, per-slot loop, written from CONTRACT §2."""
+    """Dead-simple per-token, per-slot loop, written from docs/design.md#the-math."""
     x = np.asarray(x, dtype=np.float64)
     T, H = x.shape
     out = np.zeros((T, H))

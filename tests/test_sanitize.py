@@ -11,7 +11,7 @@ The script runs, for every tier in RUN_TIERS and the emulated amx tier, each qua
 (with LoRA float32 / bfloat16 / off and tp_count 1 and 2 spread over the modes), a small spec's
 forward, forward_train + backward at awkward routings (T = 0,
 T = max_len, every slot skipped, every token on one expert, duplicate experts in a row,
-two saved forwards given back out of order, an in-place LoRA update) and checks §7 against
+two saved forwards given back out of order, an in-place LoRA update) and checks the accuracy limits (docs/design.md#accuracy) against
 ktgen.reference, printing one `CASE ... OK` line per case. Any out-of-bounds access or UB
 in a kernel aborts the process with an ASan/UBSan report on stderr.
 
@@ -116,7 +116,7 @@ SCRIPT = textwrap.dedent(r'''
 
 
     def check(moe, x, ids, rw, go, out, grads):
-        """The worst relL2 of each checked quantity, raising AssertionError past §7."""
+        """The worst relL2 of each checked quantity, raising AssertionError past its accuracy limit."""
         spec = moe.spec
         W = [moe.dequantized(n) for n in ("gate", "up", "down")]
         s = spec.lora.scale if spec.lora else 1.0

@@ -1,4 +1,4 @@
-"""Contract §3: every spec rule, its defaults, YAML I/O and the bundled specs."""
+"""The spec (docs/design.md#the-spec): every spec rule, its defaults, YAML I/O and the bundled specs."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""ktgen.torch: KTMoE against a pure-PyTorch float64 implementation of §2 (within §7), a
+"""ktgen.torch: KTMoE against a pure-PyTorch float64 implementation of docs/design.md#the-math (within its accuracy limits), a
 gradcheck-style Jacobian check, gradient accumulation, checkpointing, no-grad, optimizer
 steps, several layers, PEFT adapters, Hugging Face experts and the training example.
 
@@ -74,10 +74,10 @@ def rel_l2(a, e):
     return float((a - e).norm() / max(float(e.norm()), 1e-12))
 
 
-# ---- the pure-PyTorch float64 implementation of §2 ----
+# ---- the pure-PyTorch float64 implementation of the math (docs/design.md#the-math) ----
 
 def torch_moe64(x, ids, w, gate, up, down, lora, s):
-    """out[t] = sum_j w[t,j] * y_e(x[t]) in float64 with autograd (§2). x [T,H], ids [T,k],
+    """out[t] = sum_j w[t,j] * y_e(x[t]) in float64 with autograd (docs/design.md#the-math). x [T,H], ids [T,k],
     w [T,k], gate/up [E,I,H], down [E,H,I]; lora: dict of the six [E,...] matrices or None."""
     T, H = x.shape
     out = torch.zeros(T, H, dtype=torch.float64)
@@ -158,7 +158,7 @@ def test_output_and_every_gradient_match_float64(lora_dtype, quant):
     """Against the float64 implementation on the weights the kernels use (`dequantized`)."""
     if quant == "bf16":
         spec, out_tol, grad_tol = spec_for(lora_dtype), OUT_TOL, GRAD_TOL
-    else:                                                      # §7, quantized modes
+    else:                                                      # accuracy limits, quantized modes
         spec = spec_for(lora_dtype, name="torch_awq", quant=dict(mode=quant, group_size=32))
         out_tol, grad_tol = QUANT_OUT_TOL, QUANT_GRAD_TOL
     layer = make_layer(spec)

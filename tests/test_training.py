@@ -1,4 +1,4 @@
-"""Training-loop behaviour (§4, LESSONS 6-8, 12, 14): saved-forward slots, zero-copy LoRA,
+"""Training-loop behaviour (docs/design.md#the-python-api, LESSONS 6-8, 12, 14): saved-forward slots, zero-copy LoRA,
 set_lora, determinism across runs and thread counts."""
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def test_a_failing_release_is_reported_and_its_slot_kept_out_of_use():
         moe.forward_train(x, ids, rw)
 
 
-# ---- zero-copy LoRA (§4, LESSONS 14) ----
+# ---- zero-copy LoRA (docs/design.md#the-python-api, LESSONS 14) ----
 
 @pytest.mark.parametrize("which", list(SPECS))
 @pytest.mark.parametrize("name", LORA_NAMES)
@@ -335,7 +335,7 @@ def test_set_lora_switches(which):
     assert ref.rel_l2(moe.forward(x, ids, rw), expected_forward(moe, x, ids, rw)) <= 1e-2
 
 
-# ---- determinism (§4, LESSONS 12) ----
+# ---- determinism (docs/design.md#the-python-api, LESSONS 12) ----
 
 def _train_step(moe, b):
     x, ids, rw, go = b
