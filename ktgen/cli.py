@@ -83,7 +83,8 @@ def cmd_info(args) -> int:
     if cfg.isa:
         try:
             forced = target_mod.for_this_machine(cfg.isa, cfg)
-            _out(f"KTGEN_ISA:  {cfg.isa}: every spec runs the {forced.tier} tier (target {_describe_target(forced)})")
+            _out(f"KTGEN_ISA:  {cfg.isa}: every spec runs the {forced.tier} tier "
+                 f"(target {_describe_target(forced)})")
         except isa_mod.ISAError as exc:
             _out(f"KTGEN_ISA:  {cfg.isa}: UNUSABLE here: {exc}")
     else:

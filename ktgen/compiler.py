@@ -235,7 +235,7 @@ def _ensure_cache_dir(cache_dir: Path) -> None:
         raise CacheError(f"the kernel cache directory {cache_dir} (KTGEN_CACHE_DIR) is not writable")
 
 
-def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: A001 - the public name (docs/design.md#the-python-api)
+def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: A001 - the public name
     """Render, compile (or find in the cache) and load the kernel of `spec`. `isa`: a Target
     (used as it is), or a tier name; default KTGEN_ISA, else the spec's isa (ktgen.target.select)."""
     if not isinstance(spec, MoESpec):

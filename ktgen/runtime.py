@@ -1,4 +1,5 @@
-"""The Python runtime (docs/design.md#the-python-api): argument checks, saved-forward slots, TP split and merge.
+"""The Python runtime (docs/design.md#the-python-api): argument checks, saved-forward slots,
+TP split and merge.
 
 Every array is checked (dtype, shape, C-contiguity, expert id range, T) before a pointer
 reaches C; outputs are allocated here, so the kernel never writes into a buffer of the
@@ -38,7 +39,8 @@ class KernelError(RuntimeError):
 
 @dataclass
 class LoRAWeights:
-    """The six LoRA matrices of a layer (shapes of docs/design.md#the-math, stacked over experts, dtype lora.dtype)."""
+    """The six LoRA matrices of a layer (shapes of docs/design.md#the-math, stacked over
+    experts, dtype lora.dtype)."""
 
     gate_a: np.ndarray  # [E, r, H]
     gate_b: np.ndarray  # [E, I, r]

@@ -96,7 +96,8 @@ def _from_np(a: np.ndarray) -> torch.Tensor:
 
 def _base_weight(name: str, w):
     """A base weight as ktgen.MoE takes it: bf16 C-contiguous NumPy (tensors of any float
-    dtype and float arrays are rounded to bf16); other objects (pre-quantized, docs/design.md#base-weight-formats) as given."""
+    dtype and float arrays are rounded to bf16); other objects (pre-quantized,
+    docs/design.md#base-weight-formats) as given."""
     if isinstance(w, torch.Tensor):
         if w.device.type != "cpu":
             w = w.cpu()
@@ -194,7 +195,8 @@ class KTMoE(nn.Module):
 
     spec: a ktgen.MoESpec, a bundled spec name or a YAML path. gate, up [E, I, H] and down
     [E, H, I]: torch tensors or NumPy arrays of any float dtype (rounded to bf16, then
-    quantized per spec.quant), or pre-quantized objects (docs/design.md#base-weight-formats). lora: optional initial values (a
+    quantized per spec.quant), or pre-quantized objects (docs/design.md#base-weight-formats).
+    lora: optional initial values (a
     ktgen.LoRAWeights or a mapping of the six names to tensors/arrays), else PEFT's
     initialisation (A Kaiming-uniform as nn.Linear, B zero: the layer starts as the base).
     """

@@ -1,6 +1,7 @@
-"""ktgen.compile (docs/design.md: the Python API; targets, compiling and the cache): the Kernel it returns, the on-disk cache and its
-integrity checks across processes, the environment variables, the errors, and the avx512
-tier's source compiling even on a CPU without AVX-512."""
+"""ktgen.compile (docs/design.md: the Python API; targets, compiling and the cache): the Kernel
+it returns, the on-disk cache and its integrity checks across processes, the cache key's inputs,
+`cache clear` beside a build in flight, the process state a compile leaves alone, the environment
+variables, the errors, and the avx512 tier's source compiling even on a CPU without AVX-512."""
 
 from __future__ import annotations
 

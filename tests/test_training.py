@@ -1,5 +1,5 @@
-"""Training-loop behaviour (docs/design.md#the-python-api, LESSONS 6-8, 12, 14): saved-forward slots, zero-copy LoRA,
-set_lora, determinism across runs and thread counts."""
+"""Training-loop behaviour (docs/design.md#the-python-api, LESSONS 6-8, 12, 14): saved-forward
+slots and their error paths, zero-copy LoRA, set_lora, determinism across runs and thread counts."""
 
 from __future__ import annotations
 
@@ -273,7 +273,8 @@ def test_a_failing_release_is_reported_and_its_slot_kept_out_of_use():
     _, saved = moe.forward_train(x, ids, rw)   # slot 1: slot 0 is out of use
     assert saved.slot == 1
     real_backward = moe.kernel.fn("backward")
-    moe.kernel.replaced["backward"] = lambda part, slot, g, gi, *rest: real_backward(part, slot, g, moe.kernel.ffi.NULL, *rest)
+    moe.kernel.replaced["backward"] = (
+        lambda part, slot, g, gi, *rest: real_backward(part, slot, g, moe.kernel.ffi.NULL, *rest))
     with pytest.raises(ktgen.KernelError, match="release of saved-forward slot 1 failed") as info:
         moe.backward(saved, go)
     assert "NULL" in str(info.value.__context__)  # the backward's own error comes with it
