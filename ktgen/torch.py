@@ -57,9 +57,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,11 +71,14 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import adapters
+from . import adapters, quant as _quant
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
-__all__ = ["KTMoE", "UnsupportedExpertsError", "from_hf_experts", "load_adapter", "save_adapter"]
+logger = logging.getLogger("ktgen.torch")
+
+__all__ = ["KTMoE", "PatchReport", "UnsupportedExpertsError", "from_hf_experts", "load_adapter", "patch_model",
+           "save_adapter"]
 
 _LORA_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -188,6 +194,92 @@ class _KTMoEFunction(torch.autograd.Function):
         return tuple(result)
 
 
+# ---- the base weights back out of the kernels, exactly ----
+
+def _awq_exact(w: np.ndarray, G: int) -> "_quant.QuantizedWeights":
+    """AWQ weights whose dequantization is exactly `w` (float32 [E, R, K], itself a
+    dequantization): per group, the scale s (fp16) and integers k = u - z with w = k * s.
+    Re-quantizing with the §6 rule does not always give these back (rounding at the
+    group's ends), so s is found from the group's largest |w| = m * s for some m in 1..15."""
+    E, R, K = w.shape
+    v = w.reshape(E, R, K // G, G)
+    amax = np.abs(v).max(axis=-1)
+    scales = np.ones(amax.shape, np.float16)
+    zeros = np.zeros(amax.shape, np.uint8)
+    done = amax == 0                                   # an all-zero group: s 1, z 0, u 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for m in range(15, 0, -1):
+            cand = (amax / np.float32(m)).astype(np.float16)
+            cf = cand.astype(np.float32)
+            k = np.rint(v / cf[..., None])
+            ok = (cf > 0) & np.all(k * cf[..., None] == v, axis=-1)
+            kmin, kmax = k.min(axis=-1), k.max(axis=-1)
+            z = np.clip(-kmin, 0, 15)
+            ok &= (kmin + z >= 0) & (kmax + z <= 15) & ~done
+            scales[ok], zeros[ok] = cand[ok], z[ok]
+            done |= ok
+    if not done.all():
+        raise RuntimeError("ktgen.torch: cannot express the kernel's awq weights exactly again")
+    sf = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.rint(v / sf) + zeros[..., None]
+    u = np.where(amax[..., None] == 0, 0, u).astype(np.uint8).reshape(E, R, K)
+    return _quant.QuantizedWeights("awq", _quant._pack_nibbles(u), scales, zeros, (E, R, K), G)
+
+
+def _export_base(moe: MoE) -> tuple:
+    """(gate, up, down) in a form ktgen.MoE takes that gives back exactly the weights `moe`
+    computes with: bf16 arrays, or §6 QuantizedWeights (compact: what a pickle holds)."""
+    q = moe.spec.quant
+    out = []
+    for name in ("gate", "up", "down"):
+        w = moe.dequantized(name)
+        if q.mode == "bf16":
+            a = w.astype(_np_bf16)
+        elif q.mode == "awq":
+            a = _awq_exact(w, q.group_size)
+        else:
+            a = _quant.quantize(w, q.mode, q.group_size)
+        back = a.astype(np.float32) if q.mode == "bf16" else _quant.dequantize(a)
+        if not np.array_equal(back, w):
+            raise RuntimeError(f"ktgen.torch: the kernel's {q.mode} {name} weights could not be "
+                               f"expressed exactly again")
+        del w, back
+        out.append(a)
+    return tuple(out)
+
+
+def _hf_state_dict_hook(module: "KTMoE", state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the experts in the model's own format (gate_up_proj, down_proj) next
+    to the LoRA, so that save_pretrained writes a checkpoint transformers loads back."""
+    fmt = module._hf_format
+    if fmt is None:
+        return
+    for key, value in module.hf_weights().items():
+        state_dict[prefix + key] = value
+
+
+def _hf_load_state_dict_pre_hook(module: "KTMoE", state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: take gate_up_proj/down_proj (as the hook above writes them) and
+    rebuild the kernels' base weights when they differ from those the kernels hold."""
+    fmt = module._hf_format
+    keys = [prefix + "gate_up_proj", prefix + "down_proj"]
+    if fmt is None or not any(k in state_dict for k in keys):
+        return
+    if not all(k in state_dict for k in keys):
+        error_msgs.append(f"{prefix}: gate_up_proj and down_proj come together; got only one")
+        return
+    g, u, d = _split_hf(state_dict.pop(keys[0]).detach().cpu(), state_dict.pop(keys[1]).detach().cpu(),
+                        fmt["is_transposed"], fmt["is_concatenated"])
+    current = [module.dequantized(n) for n in ("gate", "up", "down")]
+    given = [_from_np(_base_weight(n, t)).float() if isinstance(t, torch.Tensor) else t
+             for n, t in (("gate", g), ("up", u), ("down", d))]
+    if module.spec.quant.mode == "bf16" and all(torch.equal(a, b) for a, b in zip(current, given)):
+        return
+    module._rebuild(module.spec, (g, u, d))
+
+
 # ---- the module ----
 
 class KTMoE(nn.Module):
@@ -222,6 +314,75 @@ class KTMoE(nn.Module):
         weights = [_base_weight(n, w) for n, w in (("gate", gate), ("up", up), ("down", down))]
         self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)
         self._lora_key = self._current_lora_key()
+        # Set by from_hf_experts: how the experts module stored its weights, so that state_dict
+        # (and save_pretrained) writes them back in that format.
+        self._hf_format: dict | None = None
+        self.register_state_dict_post_hook(_hf_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_hf_load_state_dict_pre_hook)
+
+    # ---- rebuilding the kernels: pickling, deepcopy, a LoRA dtype change ----
+    def _rebuild(self, spec: MoESpec, base: tuple) -> None:
+        """A new MoE for `spec` (same shapes and quantization) with base weights `base`."""
+        weights = [_base_weight(n, w) for n, w in zip(("gate", "up", "down"), base)]
+        old = self.__dict__.get("moe")
+        self.spec = spec
+        self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)
+        self._lora_key = self._current_lora_key()
+        if old is not None:
+            old.close()
+
+    def __getstate__(self):
+        """Pickle (torch.save, copy.deepcopy): everything but the compiled kernel, plus the base
+        weights read back from it exactly (bf16, or the packed §6 form for quantized modes); the
+        kernel is compiled again (from ktgen's cache) on unpickling."""
+        state = self.__dict__.copy()
+        state.pop("moe", None)
+        state["_lora_key"] = None
+        state["_ktgen_base"] = _export_base(self.moe)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        base = state.pop("_ktgen_base")
+        super().__setstate__(state)
+        self._rebuild(self.spec, base)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module.to/.float/.bfloat16/...: a new LoRA dtype re-specializes the kernel
+        (spec.lora.dtype follows the parameters); the base weights are carried over exactly."""
+        if self.spec.lora is None:
+            return super()._apply(fn, recurse)
+        before = self.gate_a.dtype
+        target = fn(torch.zeros(1, dtype=before)).dtype
+        names = {v: k for k, v in _LORA_TORCH_DTYPES.items()}
+        if target != before and target not in names:
+            raise ValueError(f"dtype: KTMoE's LoRA parameters are float32 or bfloat16 (the kernels "
+                             f"are compiled for one of them), not {target}; convert the rest of the "
+                             f"model alone, or use torch.bfloat16")
+        result = super()._apply(fn, recurse)
+        if self.gate_a.dtype != before and self.gate_a.device.type == "cpu":
+            lora = self.spec.lora.model_dump()
+            lora["dtype"] = names[self.gate_a.dtype]
+            self._rebuild(self.spec.replace(lora=lora), _export_base(self.moe))
+        return result
+
+    def hf_weights(self) -> dict[str, torch.Tensor]:
+        """The base weights as the transformers experts module this layer came from stored them:
+        {"gate_up_proj": [E, 2I, H], "down_proj": [E, H, I]} (transposed or interleaved as it
+        was), in its dtype. Only for a layer made by from_hf_experts / patch_model."""
+        fmt = self._hf_format
+        if fmt is None:
+            raise ValueError("this KTMoE was not made from a Hugging Face experts module")
+        with torch.no_grad():
+            g, u, d = (self.dequantized(n) for n in ("gate", "up", "down"))
+            if fmt["is_concatenated"]:
+                gu = torch.cat([g, u], dim=1)
+            else:
+                gu = torch.stack([g, u], dim=2).reshape(g.shape[0], 2 * g.shape[1], g.shape[2])
+            if fmt["is_transposed"]:
+                gu, d = gu.transpose(1, 2), d.transpose(1, 2)
+            dtype = fmt["dtype"]
+            return {"gate_up_proj": gu.to(dtype).contiguous(), "down_proj": d.to(dtype).contiguous()}
 
     # ---- parameters ----
     def _lora_params(self) -> tuple[torch.Tensor, ...]:
@@ -313,6 +474,12 @@ class KTMoE(nn.Module):
             raise ValueError(f"topk_weights: expected a floating-point tensor, got {topk_weights.dtype}")
         if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
             raise ValueError(f"topk_ids: expected an integer tensor, got {topk_ids.dtype}")
+        T = math.prod(lead)
+        if T > spec.max_len:
+            raise ValueError(
+                f"hidden_states: {T} tokens (T = batch x sequence, the product of the leading dims "
+                f"{lead}) exceeds max_len = {spec.max_len} of spec {spec.name}; use a larger max_len "
+                f"(patch_model(..., max_len=...)) or shorter batches")
         x = hidden_states.reshape(-1, H).to(torch.bfloat16).contiguous()
         ids = topk_ids.reshape(-1, k)
         if ids.dtype not in (torch.int32, torch.int64):
@@ -368,6 +535,18 @@ class KTMoE(nn.Module):
             t = state_dict[key].detach().cpu().contiguous()
             arrays[k] = _np_view(t)
         E, r = spec.expert_num, spec.lora.rank
+        if config is not None:
+            # PEFT's tensors are [E' * r', in] and [out, r' * E']: with the adapter's rank r' from
+            # its config, a different expert count E' shows as such, not as a rank mismatch.
+            for param in (adapters.GATE_UP, adapters.DOWN):
+                key = f"{prefix}.{param}"
+                rank = adapters._pattern_value(config.get("rank_pattern"), key, config.get("r", 8))
+                rows = arrays[f"{param}.lora_A"].shape[0]
+                if rank and rows % rank == 0 and rows // rank != E:
+                    raise ValueError(
+                        f"{key}: the adapter was trained for {rows // rank} experts (lora_A has "
+                        f"{rows} rows at rank {rank}), this KTMoE has expert_num = {E}: an adapter "
+                        f"of another model")
         if config is not None:
             for param, a_key in ((adapters.GATE_UP, f"{adapters.GATE_UP}.lora_A"),
                                  (adapters.DOWN, f"{adapters.DOWN}.lora_A")):
@@ -450,7 +629,11 @@ def load_adapter(model: nn.Module, directory, *, prefix: str = "") -> dict[str, 
         layer.load_peft_state_dict(state, path, config)
         used.update(adapters.peft_keys(path).values())
         loaded.append(path)
-    return {"loaded": loaded, "unexpected": sorted(set(state) - used)}
+    unexpected = sorted(set(state) - used)
+    for key in unexpected:  # e.g. attention LoRA: not ktgen's to load, and never dropped silently
+        logger.warning("ktgen.torch.load_adapter: %s: ignoring %s (no KTMoE of the model takes it)",
+                       directory, key)
+    return {"loaded": loaded, "unexpected": unexpected}
 
 
 # ---- Hugging Face experts ----
@@ -602,6 +785,16 @@ def _probe(module, g, u, d, experts_list=None) -> None:
                                 f"{scale:g}; a clamp, an overridden gate or another activation)")
 
 
+def _split_hf(gu: torch.Tensor, dn: torch.Tensor, is_transposed: bool, is_concatenated: bool):
+    """gate [E,I,H], up [E,I,H], down [E,H,I] (views) of transformers' gate_up_proj/down_proj."""
+    if is_transposed:  # [E, H, 2I] and [E, I, H]
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    I2 = gu.shape[1]
+    if is_concatenated:
+        return gu[:, : I2 // 2], gu[:, I2 // 2:], dn
+    return gu[:, 0::2], gu[:, 1::2], dn  # interleaved rows gate0, up0, gate1, up1, ...
+
+
 def _hf_weights(module: nn.Module):
     """(gate [E,I,H], up [E,I,H], down [E,H,I], the experts module) of an HF MoE block or
     experts module: transformers ≥ 5 fused experts (gate_up_proj/down_proj 3-D parameters) or
@@ -610,14 +803,8 @@ def _hf_weights(module: nn.Module):
     down = getattr(module, "down_proj", None)
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == 3:
         _check_fused_experts(module)
-        gu, dn = gate_up.detach(), down.detach()
-        if getattr(module, "is_transposed", False):  # [E, H, 2I] and [E, I, H]
-            gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-        I2 = gu.shape[1]
-        if getattr(module, "is_concatenated", True):
-            g, u = gu[:, : I2 // 2], gu[:, I2 // 2:]
-        else:  # interleaved rows gate0, up0, gate1, up1, ...
-            g, u = gu[:, 0::2], gu[:, 1::2]
+        g, u, dn = _split_hf(gate_up.detach(), down.detach(), getattr(module, "is_transposed", False),
+                             getattr(module, "is_concatenated", True))
         _probe(module, g, u, dn)
         return g, u, dn, module
     experts = getattr(module, "experts", None)
@@ -675,4 +862,163 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
         if got != (E, H, I):
             raise ValueError(f"spec: (expert_num, hidden_size, intermediate_size) = {got}, but the "
                              f"module's experts are {(E, H, I)}")
-    return KTMoE(spec, gate, up, down)
+    layer = KTMoE(spec, gate, up, down)
+    if not isinstance(experts, nn.ModuleList):
+        layer._hf_format = {"dtype": experts.gate_up_proj.dtype,
+                            "is_transposed": bool(getattr(experts, "is_transposed", False)),
+                            "is_concatenated": bool(getattr(experts, "is_concatenated", True))}
+    return layer
+
+
+# ---- a whole transformers model in one call ----
+
+# PEFT's LoraConfig defaults (peft 0.21: r=8, lora_alpha=8): an adapter saved with them loads
+# into a model patched with lora=None, and the other way round.
+PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8.0
+_LORA_KEYS = {"r": "rank", "rank": "rank", "lora_alpha": "alpha", "alpha": "alpha",
+              "use_rslora": "use_rslora", "dtype": "dtype"}
+
+
+@dataclass
+class PatchReport:
+    """What patch_model did: the experts modules replaced (their paths in the model), the spec
+    of each distinct shape, and the parameter counts after freezing."""
+    layers: list[str]
+    specs: list[MoESpec]
+    trainable_parameters: int
+    total_parameters: int
+    lora_parameters: int
+
+    def __str__(self) -> str:
+        return (f"ktgen: {len(self.layers)} MoE expert layers on ktgen "
+                f"({', '.join(sorted({s.quant.mode for s in self.specs}))}); trainable parameters "
+                f"{self.trainable_parameters:,} of {self.total_parameters:,} (LoRA on the experts: "
+                f"{self.lora_parameters:,})")
+
+
+def _lora_spec_fields(lora) -> dict | None:
+    """patch_model's `lora` argument as MoESpec.lora fields (None: no LoRA)."""
+    if lora is False:
+        return None
+    if lora is None:
+        return {"rank": PEFT_DEFAULT_RANK, "alpha": PEFT_DEFAULT_ALPHA}
+    if isinstance(lora, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in lora.items():
+            if k not in _LORA_KEYS:
+                raise ValueError(f"lora: unknown key {k!r} (allowed: {', '.join(_LORA_KEYS)})")
+            out[_LORA_KEYS[k]] = v
+        out.setdefault("rank", PEFT_DEFAULT_RANK)
+        out.setdefault("alpha", PEFT_DEFAULT_ALPHA)  # PEFT's default, not ktgen's 2 x rank
+        if isinstance(out["alpha"], int) and not isinstance(out["alpha"], bool):
+            out["alpha"] = float(out["alpha"])
+        return out
+    if type(lora).__name__ == "LoraConfig":
+        bad = []
+        if getattr(lora, "lora_dropout", 0.0):
+            bad.append(f"lora_dropout = {lora.lora_dropout} (ktgen's LoRA has no dropout)")
+        if getattr(lora, "use_dora", False):
+            bad.append("use_dora = True")
+        if getattr(lora, "bias", "none") != "none" or getattr(lora, "lora_bias", False):
+            bad.append("a LoRA bias")
+        if getattr(lora, "init_lora_weights", True) is not True:
+            bad.append(f"init_lora_weights = {lora.init_lora_weights!r} (ktgen initialises as PEFT's "
+                       f"default, True)")
+        if getattr(lora, "rank_pattern", None) or getattr(lora, "alpha_pattern", None):
+            bad.append("rank_pattern / alpha_pattern (one rank and alpha for every expert layer)")
+        if bad:
+            raise ValueError(f"lora: this LoraConfig is not what ktgen's experts compute: {'; '.join(bad)}")
+        targets = getattr(lora, "target_modules", None)
+        if targets:
+            logger.warning("ktgen.torch.patch_model: LoRA goes on the MoE experts only; "
+                           "lora.target_modules %s are not adapted (wrap the patched model with "
+                           "PEFT for those)", targets)
+        return {"rank": int(lora.r), "alpha": float(lora.lora_alpha),
+                "use_rslora": bool(getattr(lora, "use_rslora", False))}
+    raise TypeError(f"lora: expected None, False, a dict or a peft.LoraConfig, got {type(lora).__name__}")
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, block) of every module whose `experts` child holds transformers >= 5 fused expert
+    weights (3-D gate_up_proj and down_proj): Qwen3-MoE, Mixtral, DeepSeek-V3 and the like."""
+    found = []
+    for path, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, KTMoE) or not isinstance(experts, nn.Module):
+            continue
+        gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+        if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.ndim == 3:
+            found.append((path, module))
+    return found
+
+
+def patch_model(model: nn.Module, *, quant="bf16", lora=None, max_len: int = 4096, isa: str = "auto",
+                checkpoint=None, threads: int | None = None, progress: bool = True) -> PatchReport:
+    """Run every MoE experts module of a transformers model on ktgen, in place, and freeze every
+    base weight so that only the experts' LoRA parameters train.
+
+    quant: "bf16", "int8", "awq", "k2" or a dict of MoESpec.quant fields. lora: None (PEFT's
+    defaults, r=8 and lora_alpha=8, so a PEFT-default adapter loads), False (no LoRA), a dict
+    (r/rank, lora_alpha/alpha — default 8 as PEFT's —, use_rslora, dtype) or a
+    peft.LoraConfig. max_len: the most tokens (batch x sequence) one forward takes. isa:
+    MoESpec.isa. Each experts module is checked first (from_hf_experts refuses one ktgen does
+    not compute exactly, before anything is replaced), then replaced one at a time with a
+    progress bar. Returns a PatchReport (print it for a summary).
+    """
+    if checkpoint is not None:
+        raise NotImplementedError(
+            "checkpoint=: building the experts straight from the checkpoint's safetensors is not "
+            "implemented yet (issue 14, item 3); load the model with from_pretrained and call "
+            "patch_model(model) without checkpoint")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(quant, str):
+        quant = {"mode": quant}
+    elif not isinstance(quant, Mapping):
+        raise TypeError(f"quant: expected a mode name or a dict of quant fields, got {type(quant).__name__}")
+    lora_fields = _lora_spec_fields(lora)
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"model: no supported MoE block in {type(model).__name__} (a module with an "
+                         f"`experts` child holding 3-D gate_up_proj and down_proj, as transformers >= 5 "
+                         f"stores Qwen3-MoE, Mixtral and DeepSeek-V3 experts)")
+    config = getattr(model, "config", None)
+    model_type = str(getattr(config, "model_type", None) or "hf")
+    name = "hf_" + re.sub(r"[^a-z0-9_]", "_", model_type.lower())
+    fields = {"max_len": max_len, "isa": isa, "quant": dict(quant), "lora": lora_fields}
+    if threads is not None:
+        fields["threads"] = threads
+    for path, block in blocks:  # refuse before replacing anything
+        try:
+            _hf_weights(block.experts)
+        except UnsupportedExpertsError as err:
+            raise UnsupportedExpertsError(f"{path}.experts: {err}") from None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of ktgen[torch]
+        tqdm = None
+    it = blocks if tqdm is None else tqdm(blocks, desc="ktgen: MoE experts", unit="layer",
+                                         disable=not progress)
+    specs: list[MoESpec] = []
+    patched = []
+    for path, block in it:
+        layer = from_hf_experts(block, name=name, **fields)
+        block.experts = layer  # the old experts (and their weights) go
+        patched.append(".".join(p for p in (path, "experts") if p))
+        if layer.spec not in specs:
+            specs.append(layer.spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora_count = 0
+    for m in model.modules():
+        if isinstance(m, KTMoE):
+            for p in m._lora_params():
+                p.requires_grad_(True)
+                lora_count += p.numel()
+    params = list(model.parameters())
+    report = PatchReport(layers=patched, specs=specs,
+                         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+                         total_parameters=sum(p.numel() for p in params),
+                         lora_parameters=lora_count)
+    logger.info("%s", report)
+    return report

@@ -408,7 +408,20 @@ def test_replaced_parameter_storage_is_followed():
     with torch.no_grad():
         layer.down_b.mul_(3)                                                    # in place
     check()
+    # .to(dtype) re-specializes the kernel for the new LoRA dtype (issue 14, item 4) ...
+    base = [layer.dequantized(n) for n in ("gate", "up", "down")]
     layer.to(torch.bfloat16)
+    assert layer.spec.lora.dtype == "bfloat16" and layer.gate_a.dtype == torch.bfloat16
+    assert all(torch.equal(b, layer.dequantized(n)) for b, n in zip(base, ("gate", "up", "down")))
+    check()
+    layer.float()
+    assert layer.spec.lora.dtype == "float32"
+    check()
+    with pytest.raises(ValueError, match="not torch.float16"):
+        layer.half()
+    assert layer.gate_a.dtype == torch.float32
+    # ... but storage of another dtype swapped in behind its back is refused.
+    layer.gate_b.data = layer.gate_b.data.bfloat16()
     with pytest.raises(ValueError, match="lora.dtype"):
         layer(x, ids, w)
 
