@@ -554,6 +554,7 @@ def _bandwidth_module():
     flags = ("-O3", "-std=gnu11", "-fopenmp", "-fPIC") + isa_mod.compile_flags(tier)
     key = hashlib.sha256(json.dumps({
         "source": _BW_SOURCE, "cdef": _BW_CDEF, "flags": flags, "compiler": C.compiler_identity(cfg.cc),
+        "cc": cfg.cc, "build_env": dict(cfg.build_env),
         "ktgen": __version__, "cffi": cffi.__version__,
         "python": sysconfig.get_config_var("EXT_SUFFIX") or sys.version}, sort_keys=True).encode()).hexdigest()
     module_name = f"_ktgen_bandwidth_{key[:20]}"
@@ -565,38 +566,27 @@ def _bandwidth_module():
             with FileLock(str(cfg.cache_dir / f"{entry.name}.lock")):
                 manifest = C._read_manifest(entry, key)
                 if manifest is None:
-                    manifest = _build_bandwidth(entry, key, module_name, flags, cfg.cc, tier)
+                    manifest = _build_bandwidth(entry, key, module_name, flags, cfg, tier)
         module = C._import(module_name, entry / manifest["module_file"])
     module._ktgen_flags = flags
     _bw_module = module
     return module, flags
 
 
-def _build_bandwidth(entry: Path, key: str, module_name: str, flags, cc: str, tier: str) -> dict:
+def _build_bandwidth(entry: Path, key: str, module_name: str, flags, cfg, tier: str) -> dict:
     import tempfile
 
-    import cffi
-
     from . import compiler as C
+    from .target import Target
 
+    cc = cfg.cc
     entry.mkdir(parents=True, exist_ok=True)
     (entry / C.MANIFEST).unlink(missing_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".build-{entry.name}-") as tmp:
-        ffi = cffi.FFI()
-        ffi.cdef(_BW_CDEF)
-        ffi.set_source(module_name, _BW_SOURCE, extra_compile_args=list(flags), extra_link_args=["-fopenmp"])
-        old_cc = os.environ.get("CC")
-        os.environ["CC"] = cc
-        try:
-            built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        except Exception as exc:  # distutils' own error types
-            raise C.CompilerError(f"compiling the bandwidth probe with {cc!r} failed: {exc}") from exc
-        finally:
-            if old_cc is None:
-                os.environ.pop("CC", None)
-            else:
-                os.environ["CC"] = old_cc
+        # In a child process, as the kernels: the caller's cwd and os.environ stay as they are.
+        target = Target(tier, cc=cc, build_env=cfg.build_env)
+        built = C.build_cffi_module(module_name, _BW_CDEF, _BW_SOURCE, target, Path(tmp), flags, ("-fopenmp",))
         C._atomic_write(entry / built.name, built.read_bytes())
     manifest = {"key": key, "module": module_name, "module_file": built.name,
                 "sha256": C._sha256(entry / built.name), "spec": "(bandwidth probe)", "tier": tier,

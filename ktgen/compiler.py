@@ -200,9 +200,16 @@ def build_environment(target: Target) -> dict[str, str]:
 def _compile_module(rendered: Rendered, module_name: str, target: Target, workdir: Path) -> Path:
     (workdir / rendered.header_name).write_text(rendered.header)
     cflags, ldflags = target_flags(target)
+    return build_cffi_module(module_name, rendered.cdef, rendered.source, target, workdir, cflags, ldflags)
+
+
+def build_cffi_module(module_name: str, cdef: str, source: str, target: Target, workdir: Path,
+                      cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> Path:
+    """Build a cffi module in `workdir` with the target's compiler and build environment, in a
+    child process (the caller's cwd and os.environ stay as they are); the built file's path."""
     job = workdir / "job.json"
     job.write_text(json.dumps({
-        "cdef": rendered.cdef, "module": module_name, "source": rendered.source,
+        "cdef": cdef, "module": module_name, "source": source,
         "include_dirs": [str(workdir)], "cflags": list(cflags), "ldflags": list(ldflags),
         "tmpdir": str(workdir),
     }))

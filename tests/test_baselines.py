@@ -5,6 +5,8 @@ their documented keys. Small shapes: the whole file runs in seconds."""
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from types import SimpleNamespace
 
@@ -141,6 +143,25 @@ def test_bandwidth_probe():
     assert math.isfinite(bw["gbs"]) and bw["gbs"] > 0
     assert bw["checksum_ok"]
     assert bw["bytes"] == 8 << 20 and bw["threads"] == 2 and len(bw["runs_gbs"]) == bw["runs"] >= 1
+
+
+def test_building_the_bandwidth_probe_leaves_the_cwd_and_the_environment_alone(tmp_path, monkeypatch):
+    """It is compiled like the kernels (issue 16, item 3): a thread builds it while this one
+    watches os.getcwd() and os.environ."""
+    monkeypatch.setenv("KTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(B, "_bw_module", None)
+    cwd, env = os.getcwd(), dict(os.environ)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("module", B._bandwidth_module()))
+    changes = []
+    worker.start()
+    while worker.is_alive():
+        if os.getcwd() != cwd or dict(os.environ) != env:
+            changes.append(os.getcwd())
+        time.sleep(0.0005)
+    worker.join()
+    assert "module" in result and not changes
 
 
 @needs_torch
