@@ -69,3 +69,32 @@ def test_training_loop_keeps_rss_flat():
     held = [moe.forward_train(x, ids, rw) for _ in range(spec.max_cache_depth)]  # no slot leaked
     del held
     moe.close()
+
+
+def _round64(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "nolora"])
+def test_slot_and_workspace_bytes_count_every_array(lora):
+    """memory() takes its figures from C, computed from the expressions the allocations use: a
+    saved-forward slot is the input copy, the routing (weights, offsets, and the four entry
+    index arrays), g and u, and the three LoRA products; the workspace holds a max_len call."""
+    spec = ktgen.MoESpec(name="mem_count", expert_num=5, num_experts_per_tok=3, hidden_size=96,
+                         intermediate_size=128, max_len=40, max_cache_depth=2,
+                         lora={"rank": 4} if lora else None)
+    rng = np.random.default_rng(0)
+    moe = ktgen.MoE(spec, *make_weights(spec, rng, 0.5))
+    E, H, I, T = spec.expert_num, spec.hidden_size, spec.intermediate_size, spec.max_len
+    slots = T * spec.num_experts_per_tok
+    R = spec.lora.rank if lora else 0
+    arrays = [T * H * 2, slots * 4, (E + 1) * 4] + [slots * 4] * 4 + [slots * I * 4] * 2
+    arrays += [slots * R * 4] * (3 if lora else 0)
+    mem = moe.memory()
+    assert mem["cache"] == spec.max_cache_depth * sum(_round64(b) for b in arrays)
+    # the workspace covers at least the buffers of one backward at max_len (dOut, x, z, h,
+    # dg | du, dx) and is what the C side reports for this context's threads
+    backward_floats = 2 * T * H + slots * (I + I + 2 * I + H)
+    assert mem["workspace"] >= 4 * backward_floats
+    assert mem["workspace"] == int(moe.kernel.fn("workspace_bytes")(moe.threads))
+    moe.close()
