@@ -5,6 +5,7 @@ Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import functools
+import subprocess
 
 import ml_dtypes
 import numpy as np
@@ -215,3 +216,33 @@ def run_layer(spec, seed=0, std=0.5):
     out, saved = moe.forward_train(x, ids, rw)
     grads = moe.backward(saved, grad_out)
     return moe, (x, ids, rw, grad_out, lw), out, grads
+
+
+def assert_layer_meets_limits(moe, mode, inputs, out, grads):
+    """A run_layer result against the float64 reference on the kernels' dequantized weights,
+    within the accuracy limits of `mode` (out, then every gradient)."""
+    x, ids, rw, grad_out, lw = inputs
+    dq = [moe.dequantized(n) for n in ("gate", "up", "down")]
+    scale = moe.spec.lora.scale if moe.spec.lora else 1.0
+    out_limit, grad_limit = LIMITS[mode]
+    assert ref.rel_l2(out, ref.forward(x, ids, rw, *dq, lw, scale)) <= out_limit
+    expect = ref.backward(x, ids, rw, *dq, grad_out, lw, scale)
+    for name, e in expect.items():
+        assert ref.rel_l2(getattr(grads, name), e) <= grad_limit, name
+
+
+def build_harness(tmp_path, target, harness: str) -> str:
+    """Compile a C harness that #includes the kernel rendered for `target` (a tiny spec), with
+    the flags the target compiles with; returns the executable's path."""
+    from ktgen.render import render
+
+    spec = ktgen.MoESpec(name="harness", expert_num=2, num_experts_per_tok=1, hidden_size=32,
+                         intermediate_size=32, max_len=4, lora=None)
+    rendered = render(spec, target)
+    d = tmp_path / ("emulated" if target.emulate else "native")
+    d.mkdir()
+    (d / rendered.header_name).write_text(rendered.header)
+    (d / "kernel.c").write_text(rendered.source)
+    (d / "harness.c").write_text(harness)
+    subprocess.run(["cc", *target.cflags, "-w", "harness.c", "-o", "harness", "-lm"], check=True, cwd=d)
+    return str(d / "harness")

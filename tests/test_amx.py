@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 import ktgen
-from ktgen import isa, reference
-from ktgen.reference import rel_l2
+from ktgen import isa
 
-from helpers import LIMITS, amx_spec, run_layer
+from helpers import amx_spec, assert_layer_meets_limits, run_layer
 
 NATIVE_AMX = not isa.missing_features("amx") and isa.amx_permission()
 
@@ -42,15 +41,9 @@ def amx(request, monkeypatch):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_amx_meets_section7(amx, mode, lora, tp):
     spec = amx_spec(mode, lora, tp)
-    moe, (x, ids, rw, grad_out, lw), out, grads = run_layer(spec)
+    moe, inputs, out, grads = run_layer(spec)
     assert moe.kernel.isa == "amx" and moe.kernel.emulated == (amx == "emulated")
-    dq = [moe.dequantized(n) for n in ("gate", "up", "down")]
-    scale = spec.lora.scale if lora else 1.0
-    out_limit, grad_limit = LIMITS[mode]
-    assert rel_l2(out, reference.forward(x, ids, rw, *dq, lw, scale)) <= out_limit
-    expect = reference.backward(x, ids, rw, *dq, grad_out, lw, scale)
-    for name, e in expect.items():
-        assert rel_l2(getattr(grads, name), e) <= grad_limit, name
+    assert_layer_meets_limits(moe, mode, inputs, out, grads)
 
 
 def test_amx_is_deterministic_across_threads(amx):

@@ -11,9 +11,7 @@ A small C harness includes the rendered kernel source and calls its tile primiti
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -21,8 +19,8 @@ import pytest
 
 import ktgen
 from ktgen import isa
-from ktgen.compiler import BASE_FLAGS
-from ktgen.render import render
+
+from helpers import build_harness
 
 NATIVE_AMX = not isa.missing_features("amx") and isa.amx_permission()
 
@@ -86,19 +84,7 @@ def bits16(x) -> int:
 
 
 def build(tmp_path, emulate: bool) -> str:
-    spec = ktgen.MoESpec(name="tiles", expert_num=2, num_experts_per_tok=1, hidden_size=32,
-                         intermediate_size=32, max_len=4, lora=None)
-    rendered = render(spec, ktgen.Target("amx", emulate=emulate))
-    d = tmp_path / ("emulated" if emulate else "native")
-    d.mkdir()
-    (d / rendered.header_name).write_text(rendered.header)
-    (d / "kernel.c").write_text(rendered.source)
-    (d / "harness.c").write_text(HARNESS)
-    flags = ["-O1"] if emulate else list(isa.compile_flags("amx"))
-    exe = str(d / "harness")
-    subprocess.run(["cc", *BASE_FLAGS, *flags, "-w", str(d / "harness.c"), "-o", exe, "-lm"],
-                   check=True, cwd=d)
-    return exe
+    return build_harness(tmp_path, ktgen.Target("amx", emulate=emulate), HARNESS)
 
 
 def cases_from_vectors():

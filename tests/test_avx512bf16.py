@@ -18,8 +18,9 @@ import pytest
 
 import ktgen
 from ktgen import isa
-from ktgen.compiler import BASE_FLAGS
 from ktgen.render import render
+
+from helpers import amx_spec, assert_layer_meets_limits, build_harness, run_layer
 
 NATIVE_BF16 = not isa.missing_features("avx512bf16")
 
@@ -55,17 +56,7 @@ def model(c, a0, a1, b0, b1) -> np.float32:
 
 
 def build(tmp_path, emulate: bool) -> str:
-    spec = ktgen.MoESpec(name="dp", expert_num=2, num_experts_per_tok=1, hidden_size=32,
-                         intermediate_size=32, max_len=4, lora=None)
-    rendered = render(spec, ktgen.Target("avx512bf16", emulate=emulate))
-    d = tmp_path / ("emulated" if emulate else "native")
-    d.mkdir()
-    (d / rendered.header_name).write_text(rendered.header)
-    (d / "kernel.c").write_text(rendered.source)
-    (d / "harness.c").write_text(HARNESS)
-    flags = ["-O1"] if emulate else list(isa.compile_flags("avx512bf16"))
-    subprocess.run(["cc", *BASE_FLAGS, *flags, "-w", "harness.c", "-o", "harness", "-lm"], check=True, cwd=d)
-    return str(d / "harness")
+    return build_harness(tmp_path, ktgen.Target("avx512bf16", emulate=emulate), HARNESS)
 
 
 def check(exe, rng):
@@ -119,20 +110,10 @@ def emulated(monkeypatch):
 def test_emulated_layer_matches_the_reference(emulated, mode, tp, lora):
     """Forward and backward through the emulated tier at awkward routings (experts with 0, 1,
     15, 16 and 17 entries, skipped slots) against the float64 reference."""
-    from ktgen import reference
-    from ktgen.reference import rel_l2
-    from helpers import LIMITS, amx_spec, run_layer
-
     spec = amx_spec(mode, lora, tp)
-    moe, (x, ids, rw, grad_out, lw), out, grads = run_layer(spec, seed=11)
+    moe, inputs, out, grads = run_layer(spec, seed=11)
     assert moe.kernel.isa == "avx512bf16" and moe.kernel.emulated
-    dq = [moe.dequantized(n) for n in ("gate", "up", "down")]
-    scale = spec.lora.scale if lora else 1.0
-    out_limit, grad_limit = LIMITS[mode]
-    assert rel_l2(out, reference.forward(x, ids, rw, *dq, lw, scale)) <= out_limit
-    expect = reference.backward(x, ids, rw, *dq, grad_out, lw, scale)
-    for name, e in expect.items():
-        assert rel_l2(getattr(grads, name), e) <= grad_limit, name
+    assert_layer_meets_limits(moe, mode, inputs, out, grads)
 
 
 def test_auto_prefers_amx_then_avx512bf16_then_avx512():
