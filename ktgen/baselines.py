@@ -55,7 +55,9 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from .runtime import usable_cores
 from .spec import LORA_NAMES
+from .workload import meminfo
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -82,21 +84,13 @@ IMPL_NAMES = {"eager": "torch eager per-expert loop", "grouped_mm": "torch._grou
 # --------------------------------------------------------------------------- helpers
 
 def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (ktgen's own default thread count)."""
+    return usable_cores()
 
 
 def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """MemAvailable in bytes, None where unknown."""
+    return meminfo("MemAvailable")
 
 
 def load_average() -> float:

@@ -38,14 +38,19 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} TiB"  # pragma: no cover
 
 
-def mem_total() -> int | None:
+def meminfo(field: str) -> int | None:
+    """A /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes, None where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def mem_total() -> int | None:
+    return meminfo("MemTotal")
 
 
 def memory_budget() -> int:
