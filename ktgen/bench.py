@@ -5,7 +5,6 @@ Returns plain dicts (written as --json); ktgen.cli prints them.
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -14,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .baselines import load_average
 from .runtime import MoE, usable_cores
 from .workload import Plan
 
@@ -30,10 +30,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def median_ms(fn, repeat: int, warmup: int = 1, budget_s: float | None = None) -> tuple[float, list[float]]:

@@ -146,7 +146,7 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None,
                 f"{', '.join(available_tiers(flags))}"
                 + (" (or KTGEN_EMULATE_AMX=1 to emulate the tiles)" if requested == "amx" else "")
             )
-        return requested, f"requested explicitly"
+        return requested, "requested explicitly"
     for name in TIERS:
         t = _TIERS[name]
         if not t.implemented:

@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
