@@ -45,8 +45,8 @@ _TIERS = {
     ),
     "amx": Tier(
         "amx",
-        ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
-        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+        ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"),
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
          "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
     ),
 }
