@@ -90,8 +90,9 @@ def _expert_weights(e, gate, up, down, lora):
     return Wg, Wu, Wd, L
 
 
-def _expert_forward(xe, Wg, Wu, Wd, L, s):
-    """Forward of one expert on its gathered tokens xe [n, H]; returns the intermediates."""
+def _expert_forward(xe, Wg, Wu, Wd, L, s, clamp=None):
+    """Forward of one expert on its gathered tokens xe [n, H]; returns the intermediates. With
+    `clamp` (swiglu_limit L): h = silu(min(g, L)) * clip(u, -L, L)."""
     g = xe @ Wg.T                                   # [n, I]
     u = xe @ Wu.T                                   # [n, I]
     if L is not None:
@@ -101,16 +102,17 @@ def _expert_forward(xe, Wg, Wu, Wd, L, s):
         u = u + s * (au @ L["up_b"].T)
     else:
         ag = au = None
-    sig = _sigmoid(g)
-    act = g * sig                                   # silu(g)
-    h = act * u                                     # [n, I]
+    gc, uc = (g, u) if clamp is None else (np.minimum(g, clamp), np.clip(u, -clamp, clamp))
+    sig = _sigmoid(gc)
+    act = gc * sig                                  # silu(g)
+    h = act * uc                                    # [n, I]
     y = h @ Wd.T                                    # [n, H]
     if L is not None:
         ad = h @ L["down_a"].T                      # [n, r]  A_down h
         y = y + s * (ad @ L["down_b"].T)
     else:
         ad = None
-    return dict(g=g, u=u, sig=sig, act=act, h=h, y=y, ag=ag, au=au, ad=ad)
+    return dict(g=g, u=u, gc=gc, uc=uc, sig=sig, act=act, h=h, y=y, ag=ag, au=au, ad=ad)
 
 
 def _routed(ids, E):
@@ -126,8 +128,8 @@ def _routed(ids, E):
             yield e, tok[lo:hi], slot[lo:hi]
 
 
-def forward(x, expert_ids, routing_weights, gate, up, down, lora=None, scale=1.0):
-    """out [T, H] float64 = sum over slots of w * expert_e(x)."""
+def forward(x, expert_ids, routing_weights, gate, up, down, lora=None, scale=1.0, clamp=None):
+    """out [T, H] float64 = sum over slots of w * expert_e(x) (clamp: the spec's swiglu_limit)."""
     x64 = _f64(x)
     T, H = x64.shape
     E = gate.shape[0]
@@ -138,13 +140,13 @@ def forward(x, expert_ids, routing_weights, gate, up, down, lora=None, scale=1.0
     out = np.zeros((T, H), dtype=np.float64)
     for e, tok, slot in _routed(ids, E):
         Wg, Wu, Wd, L = _expert_weights(e, gate, up, down, lora)
-        f = _expert_forward(x64[tok], Wg, Wu, Wd, L, s)
+        f = _expert_forward(x64[tok], Wg, Wu, Wd, L, s, clamp)
         # scatter: duplicate tokens (same expert twice in a row) must accumulate
         np.add.at(out, tok, w64[tok, slot][:, None] * f["y"])
     return out
 
 
-def backward(x, expert_ids, routing_weights, gate, up, down, grad_out, lora=None, scale=1.0):
+def backward(x, expert_ids, routing_weights, gate, up, down, grad_out, lora=None, scale=1.0, clamp=None):
     """Gradients of sum(out * grad_out) w.r.t. x, routing weights and the LoRA matrices.
 
     Returns a dict of float64 arrays: "input" [T, H], "routing_weights" [T, k], and with
@@ -170,7 +172,7 @@ def backward(x, expert_ids, routing_weights, gate, up, down, grad_out, lora=None
     for e, tok, slot in _routed(ids, E):
         Wg, Wu, Wd, L = _expert_weights(e, gate, up, down, lora)
         xe = x64[tok]                                           # [n, H]
-        f = _expert_forward(xe, Wg, Wu, Wd, L, s)
+        f = _expert_forward(xe, Wg, Wu, Wd, L, s, clamp)
         do = dout[tok]                                          # [n, H]
 
         dw[tok, slot] = np.sum(do * f["y"], axis=1)             # <dOut[t], y>
@@ -183,9 +185,12 @@ def backward(x, expert_ids, routing_weights, gate, up, down, grad_out, lora=None
             grads["down_b"][e] += s * (dy.T @ f["ad"])          # [H, r]
             grads["down_a"][e] += s * (bdy.T @ f["h"])          # [r, I]
 
-        g, sig = f["g"], f["sig"]
-        dg = dh * f["u"] * sig * (1.0 + g * (1.0 - sig))        # [n, I]
+        g, sig = f["gc"], f["sig"]
+        dg = dh * f["uc"] * sig * (1.0 + g * (1.0 - sig))       # [n, I]
         du = dh * f["act"]                                      # [n, I]
+        if clamp is not None:  # the clamps pass the gradient inside their bounds (included)
+            dg = dg * (f["g"] <= clamp)
+            du = du * ((f["u"] >= -clamp) & (f["u"] <= clamp))
 
         dxe = dg @ Wg + du @ Wu                                 # [n, H]
         if L is not None:

@@ -127,6 +127,7 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
         tp_count=spec.tp_count,
         R=lora.rank if lora else 0,
         has_lora=lora is not None,
+        clamp=_c_float(spec.swiglu_limit) if spec.swiglu_limit is not None else None,
         scale=_c_float(lora.scale if lora else 0.0),
         lora_bf16=lora_bf16,
         gradsum_bf16=gradsum_bf16,

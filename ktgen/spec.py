@@ -155,6 +155,9 @@ class MoESpec(_SpecModel):
     max_cache_depth: int = Field(default=2, ge=1)
     isa: Literal["auto", "amx", "avx512bf16", "avx512", "avx2", "generic"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
+    # The clamped SwiGLU of DeepSeek-V4 (transformers' config.swiglu_limit = L):
+    # h = silu(min(g, L)) * clamp(u, -L, L), with g and u the LoRA-adapted pre-activations.
+    swiglu_limit: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _check_cross_field_rules(self) -> MoESpec:

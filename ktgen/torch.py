@@ -660,13 +660,29 @@ class UnsupportedExpertsError(ValueError):
 # (DeepSeek-V4, gpt-oss, Step3, MiniMax, ... : `limit` from `config.swiglu_limit`).
 _CLAMP_ATTRS = ("limit", "swiglu_limit", "activation_clamp", "clamp_limit", "alpha")
 _CLAMP_CONFIG_ATTRS = ("swiglu_limit", "activation_clamp", "swiglu_alpha")
+# The ones that may name the limit L of DeepSeek-V4's clamped SwiGLU, silu(min(g, L)) *
+# clamp(u, -L, L), which ktgen runs (spec.swiglu_limit). Whether a module computes exactly that
+# is decided by running it (_probe), not by its class: gpt-oss's clamp, with its alpha and +1,
+# fails there and is refused.
+_LIMIT_ATTRS = ("limit", "swiglu_limit")
+
+
+def _swiglu_limit(module) -> float | None:
+    """The clamp limit a fused experts module declares (its `limit` or `swiglu_limit`, or its
+    config's swiglu_limit), None when it declares none."""
+    for v in [getattr(module, a, None) for a in _LIMIT_ATTRS] + [
+            getattr(getattr(module, "config", None), "swiglu_limit", None)]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+    return None
 
 
 def _refuse(module, reason: str):
     raise UnsupportedExpertsError(
         f"module: {type(module).__module__}.{type(module).__qualname__} cannot run on ktgen: "
         f"{reason}. ktgen computes exactly down(silu(gate x) * up x) per expert (docs/design.md#the-math), "
-        f"with no bias, clamp or other activation")
+        f"or DeepSeek-V4's clamped down(silu(min(gate x, L)) * clamp(up x, -L, L)), with no bias, "
+        f"other clamp or other activation")
 
 
 def _check_activation(module) -> None:
@@ -682,20 +698,25 @@ def _check_activation(module) -> None:
         _refuse(module, f"its activation act_fn is {type(act).__name__}, not SiLU")
 
 
-def _check_config(module) -> None:
+def _check_config(module, limit: float | None = None) -> None:
     config = getattr(module, "config", None)
     act = getattr(config, "hidden_act", None)
     if isinstance(act, str) and act not in ("silu", "swish"):
         _refuse(module, f"its config has hidden_act = {act!r}, not 'silu'")
     for attr in _CLAMP_CONFIG_ATTRS:
+        if attr == "swiglu_limit" and limit is not None:
+            continue  # the clamp ktgen runs; _probe checks that it is the one the module applies
         v = getattr(config, attr, None)
         if v is not None and v is not False:
             _refuse(module, f"its config sets {attr} = {v!r}: the gated activation is clamped")
 
 
-def _check_fused_experts(module) -> None:
-    """Refuse a transformers >= 5 fused experts module unless it computes what ktgen does."""
+def _check_fused_experts(module, limit: float | None = None) -> None:
+    """Refuse a transformers >= 5 fused experts module unless it computes what ktgen does (with
+    `limit`: DeepSeek-V4's clamped SwiGLU, which _probe then confirms by running the module)."""
     for attr in _CLAMP_ATTRS:
+        if attr in _LIMIT_ATTRS and limit is not None:
+            continue
         v = getattr(module, attr, None)
         if v is not None and not isinstance(v, (nn.Module, torch.Tensor)) and v is not False:
             _refuse(module, f"it has {attr} = {v!r} (a swiglu_limit-style clamp of the "
@@ -706,7 +727,7 @@ def _check_fused_experts(module) -> None:
             from transformers.integrations.moe import _default_apply_gate
         except ImportError:  # pragma: no cover
             _default_apply_gate = None
-        if apply_gate is not _default_apply_gate:
+        if apply_gate is not _default_apply_gate and limit is None:
             where = getattr(apply_gate, "__qualname__", repr(apply_gate))
             _refuse(module, f"its class overrides _apply_gate ({where}), so its gated "
                             f"activation is not silu(gate) * up")
@@ -726,7 +747,7 @@ def _check_fused_experts(module) -> None:
     if children:
         _refuse(module, f"it has submodules {', '.join(children)} besides act_fn")
     _check_activation(module)
-    _check_config(module)
+    _check_config(module, limit)
 
 
 def _check_mlp_expert(mlp, names) -> None:
@@ -753,10 +774,11 @@ def _probe_inputs(g: torch.Tensor, n: int, scale: float, gen: torch.Generator):
     return x * (scale / rms if rms > 0 else 1.0)
 
 
-def _probe(module, g, u, d, experts_list=None) -> None:
+def _probe(module, g, u, d, experts_list=None, limit: float | None = None) -> None:
     """Run the module itself on a few tokens at a moderate and at a large activation scale
-    (where a clamp binds) and compare with silu(g x) * (u x) through down: a forward that does
-    something else (an override the checks above do not know) is refused, not run wrong."""
+    (where a clamp binds) and compare with silu(g x) * (u x) through down (with `limit` L:
+    silu(min(g x, L)) * clamp(u x, -L, L)): a forward that does something else (an override the
+    checks above do not know) is refused, not run wrong."""
     if any(t.device.type == "meta" for t in (g, u, d)):
         return
     E = g.shape[0]
@@ -770,7 +792,10 @@ def _probe(module, g, u, d, experts_list=None) -> None:
             xd = x.to(dtype)
             xf = xd.float()
             gf, uf, df = g[e].float(), u[e].float(), d[e].float()
-            want = (torch.nn.functional.silu(xf @ gf.T) * (xf @ uf.T)) @ df.T
+            gx, ux = xf @ gf.T, xf @ uf.T
+            if limit is not None:
+                gx, ux = gx.clamp(max=limit), ux.clamp(min=-limit, max=limit)
+            want = (torch.nn.functional.silu(gx) * ux) @ df.T
             with torch.no_grad():
                 if experts_list is None:  # transformers >= 5: forward(x, top_k_index, top_k_weights)
                     ids = torch.full((4, 1), e, dtype=torch.int64)
@@ -780,7 +805,8 @@ def _probe(module, g, u, d, experts_list=None) -> None:
             got = got.float()
             err = float((got - want).norm() / want.norm().clamp_min(1e-12))
             if not err <= tol:
-                _refuse(module, f"its forward differs from silu(gate) * up on expert {e} "
+                what = "silu(gate) * up" if limit is None else f"silu(min(gate, {limit:g})) * clamp(up, ±{limit:g})"
+                _refuse(module, f"its forward differs from {what} on expert {e} "
                                 f"(relative L2 {err:.3g} at gate pre-activations of RMS "
                                 f"{scale:g}; a clamp, an overridden gate or another activation)")
 
@@ -796,17 +822,19 @@ def _split_hf(gu: torch.Tensor, dn: torch.Tensor, is_transposed: bool, is_concat
 
 
 def _hf_weights(module: nn.Module):
-    """(gate [E,I,H], up [E,I,H], down [E,H,I], the experts module) of an HF MoE block or
-    experts module: transformers ≥ 5 fused experts (gate_up_proj/down_proj 3-D parameters) or
-    the older ModuleList of per-expert MLPs (gate_proj/up_proj/down_proj, or Mixtral's w1/w3/w2)."""
+    """(gate [E,I,H], up [E,I,H], down [E,H,I], the experts module, swiglu_limit or None) of an HF
+    MoE block or experts module: transformers ≥ 5 fused experts (gate_up_proj/down_proj 3-D
+    parameters) or the older ModuleList of per-expert MLPs (gate_proj/up_proj/down_proj, or
+    Mixtral's w1/w3/w2)."""
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == 3:
-        _check_fused_experts(module)
+        limit = _swiglu_limit(module)
+        _check_fused_experts(module, limit)
         g, u, dn = _split_hf(gate_up.detach(), down.detach(), getattr(module, "is_transposed", False),
                              getattr(module, "is_concatenated", True))
-        _probe(module, g, u, dn)
-        return g, u, dn, module
+        _probe(module, g, u, dn, limit=limit)
+        return g, u, dn, module, limit
     experts = getattr(module, "experts", None)
     if isinstance(experts, nn.Module) and not isinstance(experts, nn.ModuleList):
         return _hf_weights(experts)
@@ -826,7 +854,7 @@ def _hf_weights(module: nn.Module):
             _check_mlp_expert(e, names)
         stacks = [torch.stack([getattr(e, n).weight.detach() for e in experts]) for n in names]
         _probe(experts[0], *stacks, experts_list=experts)
-        return stacks[0], stacks[1], stacks[2], experts
+        return stacks[0], stacks[1], stacks[2], experts, None
     raise ValueError(f"module: {type(module).__name__} is neither a Hugging Face MoE block nor its experts "
                      f"(gate_up_proj/down_proj parameters, or a ModuleList of expert MLPs)")
 
@@ -842,7 +870,7 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
     weights. The returned module takes the experts' forward arguments (hidden_states [T, H],
     top_k_index, top_k_weights), so it can replace `block.experts` of a transformers ≥ 5 block.
     """
-    gate, up, down, experts = _hf_weights(module)
+    gate, up, down, experts, limit = _hf_weights(module)
     E, I, H = gate.shape
     if tuple(up.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
         raise ValueError(f"module: inconsistent expert shapes gate {tuple(gate.shape)}, "
@@ -854,6 +882,10 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
             if k is None:
                 raise ValueError("module: cannot tell top_k from it; pass num_experts_per_tok=")
             fields["num_experts_per_tok"] = k
+        if "swiglu_limit" in fields and fields["swiglu_limit"] != limit:
+            raise ValueError(f"swiglu_limit: {fields['swiglu_limit']!r} given, but the module's "
+                             f"experts clamp at {limit!r}")
+        fields["swiglu_limit"] = limit
         spec = MoESpec(name=name, expert_num=E, hidden_size=H, intermediate_size=I, **fields)
     else:
         if spec_fields:
@@ -862,6 +894,9 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
         if got != (E, H, I):
             raise ValueError(f"spec: (expert_num, hidden_size, intermediate_size) = {got}, but the "
                              f"module's experts are {(E, H, I)}")
+        if spec.swiglu_limit != limit:
+            raise ValueError(f"spec: swiglu_limit = {spec.swiglu_limit!r}, but the module's experts "
+                             f"clamp at {limit!r}")
     layer = KTMoE(spec, gate, up, down)
     if not isinstance(experts, nn.ModuleList):
         layer._hf_format = {"dtype": experts.gate_up_proj.dtype,

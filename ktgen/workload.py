@@ -182,8 +182,9 @@ def check(moe: MoE, lora: LoRAWeights | None, x, ids, rw, grad_out) -> Check:
     started = time.perf_counter()
     scale = spec.lora.scale if spec.lora else 1.0
     W = [moe.dequantized(n) for n in ("gate", "up", "down")]
-    ref_out = reference.forward(x, ids, rw, *W, lora=lora, scale=scale)
-    ref = reference.backward(x, ids, rw, *W, grad_out, lora=lora, scale=scale)
+    clamp = spec.swiglu_limit
+    ref_out = reference.forward(x, ids, rw, *W, lora=lora, scale=scale, clamp=clamp)
+    ref = reference.backward(x, ids, rw, *W, grad_out, lora=lora, scale=scale, clamp=clamp)
     del W
     reference_s = time.perf_counter() - started
 

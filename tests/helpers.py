@@ -140,7 +140,7 @@ def expected_forward(moe, x, ids, rw):
     spec = moe.spec
     return ref.forward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
                        moe.dequantized("down"), moe.lora,
-                       spec.lora.scale if spec.lora else 1.0)
+                       spec.lora.scale if spec.lora else 1.0, spec.swiglu_limit)
 
 
 def routing(kind, T, k, E, rng):
@@ -182,7 +182,7 @@ def expected_backward(moe, x, ids, rw, grad_out):
     spec = moe.spec
     return ref.backward(x, ids, rw, moe.dequantized("gate"), moe.dequantized("up"),
                         moe.dequantized("down"), grad_out, moe.lora,
-                        spec.lora.scale if spec.lora else 1.0)
+                        spec.lora.scale if spec.lora else 1.0, spec.swiglu_limit)
 
 
 # ---- the amx (and avx512bf16) layer: M tails on both sides of a 16-row tile ----
@@ -225,8 +225,9 @@ def assert_layer_meets_limits(moe, mode, inputs, out, grads):
     dq = [moe.dequantized(n) for n in ("gate", "up", "down")]
     scale = moe.spec.lora.scale if moe.spec.lora else 1.0
     out_limit, grad_limit = LIMITS[mode]
-    assert ref.rel_l2(out, ref.forward(x, ids, rw, *dq, lw, scale)) <= out_limit
-    expect = ref.backward(x, ids, rw, *dq, grad_out, lw, scale)
+    clamp = moe.spec.swiglu_limit
+    assert ref.rel_l2(out, ref.forward(x, ids, rw, *dq, lw, scale, clamp)) <= out_limit
+    expect = ref.backward(x, ids, rw, *dq, grad_out, lw, scale, clamp)
     for name, e in expect.items():
         assert ref.rel_l2(getattr(grads, name), e) <= grad_limit, name
 

@@ -221,7 +221,8 @@ def test_max_len_and_argument_errors():
 
 def test_unsupported_experts_are_refused_before_anything_is_patched():
     model = tiny("qwen3_moe")
-    model.model.layers[1].mlp.experts.limit = 7.0      # a swiglu_limit-style clamp on one layer
-    with pytest.raises(UnsupportedExpertsError, match=r"model.layers.1.mlp.experts: .*limit = 7.0"):
+    model.model.layers[1].mlp.experts.limit = 7.0      # a clamp one layer declares but does not apply
+    with pytest.raises(UnsupportedExpertsError,
+                       match=r"model.layers.1.mlp.experts: .*differs from silu\(min\(gate, 7\)\)"):
         patch_model(model, **KW)
     assert not any(isinstance(m, KTMoE) for m in model.modules())

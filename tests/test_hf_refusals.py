@@ -44,14 +44,62 @@ def test_plain_qwen3_experts_are_accepted():
     assert layer.spec.expert_num == 4
 
 
-def test_deepseek_v4_swiglu_limit_is_refused():
+def deepseek_v4_experts():
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Experts
 
     cfg = transformers.DeepseekV4Config(hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
                                         num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2)
     experts = _fill(DeepseekV4Experts(cfg))
     assert experts.limit == 10.0
-    refused(experts, "DeepseekV4Experts", "limit = 10.0", "clamp")
+    return experts
+
+
+def test_deepseek_v4_clamped_swiglu_runs_and_matches_the_module():
+    """DeepSeek-V4's experts clamp their SwiGLU at swiglu_limit: ktgen takes the limit into its
+    spec and matches the module's output and input gradient where the clamp binds."""
+    experts = deepseek_v4_experts()
+    layer = from_hf_experts(experts, **KW)
+    assert layer.spec.swiglu_limit == 10.0
+    gen = torch.Generator().manual_seed(5)
+    T = 24
+    # gate and up pre-activations of RMS about 20: the limit 10 binds for about half of them
+    x = (torch.randn(T, 64, generator=gen) * 12).bfloat16().float()
+    ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=gen)
+    go = torch.randn(T, 64, generator=gen).bfloat16().float()
+
+    xr = x.clone().requires_grad_(True)
+    want = experts(xr, ids, w)
+    (want * go).sum().backward()
+    xk = x.bfloat16().requires_grad_(True)
+    got = layer(xk, ids, w)
+    (got.float() * go).sum().backward()
+
+    def rel(a, b):
+        return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+    assert rel(got, want) < 1e-2
+    assert rel(xk.grad, xr.grad) < 2e-2
+    # and the clamp is what makes them agree: the plain SwiGLU is far off
+    g, u, d = experts.gate_up_proj[:, :64], experts.gate_up_proj[:, 64:], experts.down_proj
+    plain = torch.zeros_like(x)
+    for t in range(T):
+        for j in range(2):
+            e = int(ids[t, j])
+            plain[t] += w[t, j] * ((torch.nn.functional.silu(x[t] @ g[e].T) * (x[t] @ u[e].T)) @ d[e].T)
+    assert rel(plain, want) > 0.2
+
+
+def test_a_spec_must_name_the_modules_clamp():
+    import ktgen
+
+    experts = deepseek_v4_experts()
+    spec = ktgen.MoESpec(name="v4", expert_num=4, num_experts_per_tok=2, hidden_size=64,
+                         intermediate_size=64, max_len=64, lora=dict(rank=4, alpha=8.0))
+    with pytest.raises(ValueError, match="swiglu_limit = None, but the module's experts clamp at 10.0"):
+        from_hf_experts(experts, spec)
+    with pytest.raises(ValueError, match="swiglu_limit: 7.0 given"):
+        from_hf_experts(experts, swiglu_limit=7.0, **KW)
 
 
 def test_an_overridden_apply_gate_is_refused():
@@ -83,10 +131,12 @@ def test_biases_are_refused():
     refused(experts, "has_bias")
 
 
-def test_a_config_clamp_is_refused():
+def test_a_config_clamp_the_module_does_not_apply_is_refused():
+    # the config declares DeepSeek-V4's clamp, but the experts do not apply it: running them
+    # shows it, and the module is refused rather than run with a clamp it does not have
     experts = qwen3_experts()
     experts.config.swiglu_limit = 7.0
-    refused(experts, "swiglu_limit = 7.0")
+    refused(experts, "its forward differs from silu(min(gate, 7)) * clamp(up, ±7)")
 
 
 def test_the_probe_catches_what_no_attribute_names():
