@@ -117,6 +117,8 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
         int4=mode in ("awq", "k2"),
         # int4 panels dequantized to bf16 pairs once per work item, for the tiles
         amx_dequant=tier == "amx" and mode in ("awq", "k2"),
+        # the LoRA products on the tiles too: A x as a split-bf16 GEMM, s B (A x) as extra K steps
+        lora_tail=lora is not None and tier == "amx" and mode != "int8",
         header_name=f"{spec.name}.h",
         guard=f"KTGEN_{spec.name.upper()}_H",
         E=spec.expert_num,
