@@ -188,10 +188,11 @@ def expected_backward(moe, x, ids, rw, grad_out):
 # ---- the amx (and avx512bf16) layer: M tails on both sides of a 16-row tile ----
 
 def amx_spec(mode, lora, tp, G=32):
+    """lora: False, True (rank 3: the scalar paths of the LoRA on the tiles), or a LoRA dict."""
     q = {"mode": mode} if mode in ("bf16", "int8") else {"mode": mode, "group_size": G}
     return ktgen.MoESpec(name=f"amx_{mode}", expert_num=5, num_experts_per_tok=2, hidden_size=96,
                          intermediate_size=128, max_len=64, quant=q, tp_count=tp,
-                         lora={"rank": 3} if lora else None)
+                         lora={"rank": 3} if lora is True else (lora or None))
 
 
 def tail_routing(rng, E=5):

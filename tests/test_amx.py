@@ -36,8 +36,12 @@ def amx(request, monkeypatch):
     return request.param
 
 
+# rank 3 runs the LoRA tiles' scalar paths, rank 16 their vector ones (and bf16 LoRA its gathers)
+LORAS = {"lora": True, "rank16": {"rank": 16}, "rank16-bf16": {"rank": 16, "dtype": "bfloat16"}, "nolora": False}
+
+
 @pytest.mark.parametrize("mode", ["bf16", "int8", "awq", "k2"])
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "nolora"])
+@pytest.mark.parametrize("lora", list(LORAS.values()), ids=list(LORAS))
 @pytest.mark.parametrize("tp", [1, 2])
 def test_amx_meets_section7(amx, mode, lora, tp):
     spec = amx_spec(mode, lora, tp)
@@ -79,20 +83,23 @@ def test_rendered_amx_source_uses_the_tile_instructions():
 
 
 @pytest.mark.skipif(not NATIVE_AMX, reason=NO_AMX)
-@pytest.mark.parametrize("mode", ["bf16", "int8", "awq", "k2"])
-def test_native_amx_agrees_with_the_emulation_to_the_bit(mode):
+@pytest.mark.parametrize("mode, lora", [(m, True) for m in ("bf16", "int8", "awq", "k2")]
+                         + [("bf16", {"rank": 16}), ("int8", {"rank": 16, "dtype": "bfloat16"}),
+                            ("k2", {"rank": 16})])
+def test_native_amx_agrees_with_the_emulation_to_the_bit(mode, lora):
     """Both runs in fresh processes, so each compiles and loads its own build."""
     script = textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from helpers import amx_spec, run_layer
-        _, _, out, grads = run_layer(amx_spec({mode!r}, True, 2), seed=5)
+        _, _, out, grads = run_layer(amx_spec({mode!r}, {lora!r}, 2), seed=5)
         np.savez(sys.argv[1], out=out.view(np.uint16), dx=grads.input.view(np.uint16),
                  dw=grads.routing_weights, ga=grads.gate_a, db=grads.down_b)
     """)
     files = {}
     for emulate in ("0", "1"):
-        path = os.path.join(os.environ["KTGEN_CACHE_DIR"], f"amx_{mode}_{emulate}.npz")
+        tag = "r3" if lora is True else f"r{lora['rank']}-{lora.get('dtype', 'float32')}"
+        path = os.path.join(os.environ["KTGEN_CACHE_DIR"], f"amx_{mode}_{tag}_{emulate}.npz")
         env = dict(os.environ, KTGEN_ISA="amx", KTGEN_EMULATE_AMX=emulate)
         subprocess.run([sys.executable, "-c", script, path], env=env, check=True)
         files[emulate] = np.load(path)
