@@ -14,10 +14,10 @@ from .target import Target
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# Register blocking of each tier's micro-kernels (see moe.c.j2). Broadcast form (the
-# forward): bc_mr activation rows x bc_nr panel columns of accumulators; dot form (the
-# backward's transposed products): dot_mr rows x dot_nr outputs, each a vector of partial
-# sums. Both fill the register file (16 vector registers for avx2, 32 for avx512) with room
+# Register blocking of each tier's micro-kernels (see moe.c.j2). Broadcast form (the GEMMs,
+# forward and backward): bc_mr activation rows x bc_nr panel columns of accumulators; dot
+# form (the LoRA down-projections A x): dot_mr rows x dot_nr outputs, each a vector of
+# partial sums. Both fill the register file (16 vector registers for avx2, 32 for avx512) with room
 # for the operands; bc_nr and dot_nr divide the 32 columns of a panel.
 BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8),
@@ -25,7 +25,7 @@ BLOCKING = {
     "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
     # avx512bf16: bf16 forward GEMMs on vdpbf16ps, 12 rows x 32 columns; the rest as avx512.
     "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
-    # amx: the forward GEMMs run on tiles; the backward is the avx512 tier's vector code.
+    # amx: the GEMMs run on tiles; the rest is the avx512 tier's vector code.
     "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32),
 }
 
