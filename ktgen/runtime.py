@@ -10,6 +10,7 @@ threads (cffi releases the GIL during every kernel call).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import numa, quant
+from . import numa, packed, quant
 from .compiler import Kernel, compile as compile_kernel
 from .render import load_params
 from .spec import LORA_NAMES, MoESpec  # noqa: F401 - LORA_NAMES is part of this module's API
 from .target import Target
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
+logger = logging.getLogger("ktgen")
 
 
 class CacheFullError(RuntimeError):
@@ -106,6 +108,14 @@ def check_array(name: str, a, dtype, shape: tuple[int, ...]) -> np.ndarray:
     return a
 
 
+def _copy(w):
+    """A copy of a bf16 array or of QuantizedWeights that owns its memory."""
+    if isinstance(w, np.ndarray):
+        return np.array(w)
+    return quant.QuantizedWeights(w.mode, np.array(w.q), np.array(w.scales),
+                                  None if w.zeros is None else np.array(w.zeros), w.shape, w.group_size)
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -142,12 +152,49 @@ class MoE:
         else spec.isa; see ktgen.target.select)."""
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
+        E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
+        weights = {name: self._base_weights(spec, name, w, (E, H, I) if name == "down" else (E, I, H))
+                   for name, w in (("gate", gate), ("up", up), ("down", down))}
+        self._start(spec, isa)
+        self._load(weights)
+        del weights  # the kernels hold their own copy; nothing else is kept
+        self._finish(lora)
+
+    @classmethod
+    def from_packed(cls, path, spec: MoESpec | None = None, *, lora: LoRAWeights | None = None,
+                    isa: str | Target | None = None) -> "MoE":
+        """A layer whose base weights come from a packed weight file (MoE.save_packed, `ktgen
+        pack`). When this tier's packed layout is the file's, the kernels compute straight from a
+        read-only mapping of it: no copy, and the processes of one host share its pages.
+        Otherwise the weights are unpacked exactly and packed for this tier, which is logged.
+        spec: the file's own (default), or one with other runtime fields (lora, max_len, tp_count,
+        threads, ...) for the same weights."""
+        f = packed.PackedFile(path)
+        spec = f.check_spec(spec)
+        self = cls.__new__(cls)
+        self._start(spec, isa)
+        layout = self.packed_layout
+        if layout == f.layout:
+            for p, part in enumerate(self._parts):
+                ptrs = [self.kernel.ffi.NULL if v is None else self._ptr(v, "void *") for v in f.views(p)]
+                self._call("attach_packed", part, ptrs)
+            self._mapped = f   # the kernels read its pages: kept as long as they are
+        else:
+            logger.warning("ktgen: %s was packed as %r (tier %s); the %s tier packs as %r, so "
+                           "its weights are repacked in memory, not mapped", f.path, f.layout,
+                           f.tier, self.kernel.isa, layout)
+            gate, up, down = f.unpack()
+            f.close()
+            self._load({"gate": gate, "up": up, "down": down})
+        self._finish(lora)
+        return self
+
+    def _start(self, spec: MoESpec, isa) -> None:
+        """Compile the kernel and create each partition's context (no weights yet)."""
         if isa is not None and not isinstance(isa, (str, Target)):
             raise TypeError(f"isa: expected a tier name (str) or a ktgen.Target, got {type(isa).__name__}")
         self.spec = spec
-        E, H, I = spec.expert_num, spec.hidden_size, spec.intermediate_size
-        weights = {name: self._base_weights(name, w, (E, H, I) if name == "down" else (E, I, H))
-                   for name, w in (("gate", gate), ("up", up), ("down", down))}
+        self._mapped = None
         self.kernel: Kernel = compile_kernel(spec, isa)
         self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
         # One thread per partition when there are several, pinned to its NUMA node when the
@@ -160,14 +207,20 @@ class MoE:
             out = k.ffi.new(f"{k.rendered.prefix} **")
             self._call("create", out, p, self.threads)
             self._parts.append(k.ffi.gc(out[0], k.fn("destroy")))
+
+    def _load(self, weights: dict) -> None:
+        """Pack the weights (bf16 arrays or QuantizedWeights by projection name) into every
+        partition's context."""
         args = []
-        for ctype, name in load_params(spec.quant.mode):
+        for ctype, name in load_params(self.spec.quant.mode):
             matrix, _, field = name.partition("_")
             w = weights[matrix]
             a = w if not field else {"q": w.q, "s": w.scales, "z": w.zeros}[field]
             args.append(self._ptr(a, ctype))
         self._each_partition(lambda p, part: self._call("load_weights", part, *args))
-        del weights, args  # the kernels hold their own copy; nothing else is kept
+
+    def _finish(self, lora) -> None:
+        spec = self.spec
         self._slot_lock = threading.Lock()
         self._free_slots = list(range(spec.max_cache_depth))
         self.lora: LoRAWeights | None = None
@@ -177,10 +230,11 @@ class MoE:
         else:
             self.set_lora(lora if lora is not None else LoRAWeights.zeros(spec))
 
-    def _base_weights(self, name: str, w, shape: tuple[int, int, int]):
+    @staticmethod
+    def _base_weights(spec: MoESpec, name: str, w, shape: tuple[int, int, int]):
         """The array load_weights reads for one projection: bf16 as given, or quantized
         (docs/design.md#base-weight-formats)."""
-        q = self.spec.quant
+        q = spec.quant
         if isinstance(w, quant.QuantizedWeights):
             if w.mode != q.mode:
                 raise ValueError(f"{name}: pre-quantized {w.mode} weights given to a spec with "
@@ -380,6 +434,45 @@ class MoE:
             routing_weights=self._merge(grad_routing),
             **lora_grads,
         )
+
+    @property
+    def packed_layout(self) -> str:
+        """The layout of the packed weights of this layer's kernels (files with the same one
+        are mapped by from_packed)."""
+        return self.kernel.ffi.string(self.kernel.fn("packed_layout")()).decode()
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the base weights are a read-only mapping of a packed file (from_packed)."""
+        return self._mapped is not None
+
+    def _packed_views(self) -> list[list[tuple[object, int]]]:
+        """Per partition, the 12 (pointer, bytes) buffers of the packed weights."""
+        ffi = self.kernel.ffi
+        out = []
+        for part in self._parts:
+            ptrs, sizes = ffi.new("const void *[12]"), ffi.new("int64_t[12]")
+            self._call("packed_buffers", part, ptrs, sizes)
+            out.append([(ptrs[i], int(sizes[i])) for i in range(12)])
+        return out
+
+    def save_packed(self, path) -> None:
+        """Write the base weights, as the kernels hold them, to a packed weight file
+        (docs/design.md#packed-weight-files) that MoE.from_packed maps."""
+        buffers = [(packed.buffer_name(p, i), ptr, n)
+                   for p, bufs in enumerate(self._packed_views()) for i, (ptr, n) in enumerate(bufs) if n]
+        packed.write(path, buffers, packed.metadata(self.spec, self.packed_layout, self.kernel.isa))
+
+    def base_weights(self) -> tuple:
+        """gate, up [E, I, H] and down [E, H, I] exactly as the kernels compute with them, in
+        docs/design.md#base-weight-formats: bf16 arrays, or QuantizedWeights (a copy; what
+        MoE(spec, *moe.base_weights()) rebuilds the same layer from, on any tier)."""
+        ffi = self.kernel.ffi
+        parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n in bufs]
+                 for bufs in self._packed_views()]
+        fields = dict(item.split("=", 1) for item in self.packed_layout.split()[2:])
+        params = {k: (v if k == "mode" else int(v)) for k, v in fields.items()}
+        return tuple(_copy(w) for w in packed.unpack(parts, params))
 
     def dequantized(self, name: str) -> np.ndarray:
         """The base weights the kernels compute with, as float32 (gate/up [E,I,H], down [E,H,I])."""

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import adapters, quant as _quant
+from . import adapters
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
@@ -194,61 +194,6 @@ class _KTMoEFunction(torch.autograd.Function):
         return tuple(result)
 
 
-# ---- the base weights back out of the kernels, exactly ----
-
-def _awq_exact(w: np.ndarray, G: int) -> "_quant.QuantizedWeights":
-    """AWQ weights whose dequantization is exactly `w` (float32 [E, R, K], itself a
-    dequantization): per group, the scale s (fp16) and integers k = u - z with w = k * s.
-    Re-quantizing with the §6 rule does not always give these back (rounding at the
-    group's ends), so s is found from the group's largest |w| = m * s for some m in 1..15."""
-    E, R, K = w.shape
-    v = w.reshape(E, R, K // G, G)
-    amax = np.abs(v).max(axis=-1)
-    scales = np.ones(amax.shape, np.float16)
-    zeros = np.zeros(amax.shape, np.uint8)
-    done = amax == 0                                   # an all-zero group: s 1, z 0, u 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for m in range(15, 0, -1):
-            cand = (amax / np.float32(m)).astype(np.float16)
-            cf = cand.astype(np.float32)
-            k = np.rint(v / cf[..., None])
-            ok = (cf > 0) & np.all(k * cf[..., None] == v, axis=-1)
-            kmin, kmax = k.min(axis=-1), k.max(axis=-1)
-            z = np.clip(-kmin, 0, 15)
-            ok &= (kmin + z >= 0) & (kmax + z <= 15) & ~done
-            scales[ok], zeros[ok] = cand[ok], z[ok]
-            done |= ok
-    if not done.all():
-        raise RuntimeError("ktgen.torch: cannot express the kernel's awq weights exactly again")
-    sf = scales.astype(np.float32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.rint(v / sf) + zeros[..., None]
-    u = np.where(amax[..., None] == 0, 0, u).astype(np.uint8).reshape(E, R, K)
-    return _quant.QuantizedWeights("awq", _quant._pack_nibbles(u), scales, zeros, (E, R, K), G)
-
-
-def _export_base(moe: MoE) -> tuple:
-    """(gate, up, down) in a form ktgen.MoE takes that gives back exactly the weights `moe`
-    computes with: bf16 arrays, or §6 QuantizedWeights (compact: what a pickle holds)."""
-    q = moe.spec.quant
-    out = []
-    for name in ("gate", "up", "down"):
-        w = moe.dequantized(name)
-        if q.mode == "bf16":
-            a = w.astype(_np_bf16)
-        elif q.mode == "awq":
-            a = _awq_exact(w, q.group_size)
-        else:
-            a = _quant.quantize(w, q.mode, q.group_size)
-        back = a.astype(np.float32) if q.mode == "bf16" else _quant.dequantize(a)
-        if not np.array_equal(back, w):
-            raise RuntimeError(f"ktgen.torch: the kernel's {q.mode} {name} weights could not be "
-                               f"expressed exactly again")
-        del w, back
-        out.append(a)
-    return tuple(out)
-
-
 def _hf_state_dict_hook(module: "KTMoE", state_dict, prefix, local_metadata) -> None:
     """state_dict post-hook: the experts in the model's own format (gate_up_proj, down_proj) next
     to the LoRA, so that save_pretrained writes a checkpoint transformers loads back."""
@@ -338,7 +283,7 @@ class KTMoE(nn.Module):
         state = self.__dict__.copy()
         state.pop("moe", None)
         state["_lora_key"] = None
-        state["_ktgen_base"] = _export_base(self.moe)
+        state["_ktgen_base"] = self.moe.base_weights()
         return state
 
     def __setstate__(self, state):
@@ -363,7 +308,7 @@ class KTMoE(nn.Module):
         if self.gate_a.dtype != before and self.gate_a.device.type == "cpu":
             lora = self.spec.lora.model_dump()
             lora["dtype"] = names[self.gate_a.dtype]
-            self._rebuild(self.spec.replace(lora=lora), _export_base(self.moe))
+            self._rebuild(self.spec.replace(lora=lora), self.moe.base_weights())
         return result
 
     def hf_weights(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,195 @@
+"""Packed weight files (docs/design.md#packed-weight-files): a layer's base weights on disk in the
+layout its kernels stream, so that a start maps them instead of packing.
+
+A file is a safetensors file. Its tensors are raw bytes (dtype U8), the buffers a kernel's
+``packed_buffers`` gives, named ``p{partition}.{gate|up|down}.{q|s|z|rowsum}``; its metadata names
+the format and version, the kernel's ``packed_layout`` string, the spec (JSON) and the tier that
+wrote it. The writer places the data at a 64-byte boundary of the file and every buffer but the
+zeros at a 64-byte boundary of the data, so that a read-only mapping is aligned as the kernels'
+own storage is. It streams each buffer from the kernel to the file (the safetensors library's
+writer would copy the whole layer into Python bytes first, and cannot align), and the file reads
+back with ``safetensors.safe_open`` like any other (tests/test_packed.py checks that).
+
+A kernel whose ``packed_layout`` equals the file's attaches views of the mapping (no copy: the
+processes of one host share the page cache). Any other (another tier's interleave, another
+tp_count) gets the weights back in the formats of docs/design.md#base-weight-formats, exactly,
+through ``unpack``, and packs them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from ._version import __version__
+from .spec import MoESpec
+
+FORMAT, VERSION = "ktgen-packed", "1"
+MATRICES = ("gate", "up", "down")
+FIELDS = ("q", "s", "z", "rowsum")
+ALIGN = 64
+
+
+class PackedFileError(ValueError):
+    """A file that is not a ktgen packed weight file of this version, or does not fit the spec."""
+
+
+def buffer_name(partition: int, index: int) -> str:
+    """The tensor name of buffer `index` (matrix index // 4, field index % 4) of a partition."""
+    return f"p{partition}.{MATRICES[index // 4]}.{FIELDS[index % 4]}"
+
+
+def write(path, buffers: list[tuple[str, object, int]], metadata: dict[str, str]) -> None:
+    """Write (name, cffi pointer, bytes) buffers as one aligned safetensors file, atomically."""
+    path = Path(path)
+    # Aligned sizes first; the zeros (uint8, any length) last, where their offsets do not matter.
+    order = sorted(buffers, key=lambda b: (b[2] % ALIGN != 0, b[0]))
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, _, n in order:
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)   # the data starts at a multiple of ALIGN
+    from cffi import FFI
+    ffi = FFI()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for _, ptr, n in order:
+                f.write(ffi.buffer(ffi.cast("char *", ptr), n))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class PackedFile:
+    """A packed weight file, mapped read-only. `metadata`, `spec`, `layout`, `tier`; `views(p)`:
+    the 12 buffers of partition p as uint8 arrays of the mapping (None where the layout has
+    none), in packed_buffers order."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100 << 20:
+                    raise PackedFileError(f"{self.path}: not a safetensors file (header of {n} bytes)")
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PackedFileError(f"{self.path}: cannot read a safetensors header ({err})") from None
+        meta = header.pop("__metadata__", None) or {}
+        if meta.get("format") != FORMAT:
+            raise PackedFileError(f"{self.path}: not a ktgen packed weight file (metadata format "
+                                  f"{meta.get('format')!r}; write one with `ktgen pack` or MoE.save_packed)")
+        if meta.get("version") != VERSION:
+            raise PackedFileError(f"{self.path}: packed format version {meta.get('version')!r}; this "
+                                  f"ktgen reads version {VERSION} (pack the checkpoint again)")
+        self.metadata = meta
+        self.spec = MoESpec.model_validate_json(meta["spec"])
+        self.layout = meta["layout"]
+        self.tier = meta.get("tier", "?")
+        self._data_start = 8 + n
+        self._header = header
+        size = os.path.getsize(self.path)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if self._data_start + end != size:
+            raise PackedFileError(f"{self.path}: truncated or padded ({size} bytes, the header "
+                                  f"describes {self._data_start + end})")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        fields = dict(item.split("=", 1) for item in self.layout.split()[2:])
+        self.params = {k: int(v) for k, v in fields.items() if k != "mode"}
+        self.params["mode"] = fields["mode"]
+
+    def views(self, partition: int) -> list[np.ndarray | None]:
+        out = []
+        for i in range(12):
+            t = self._header.get(buffer_name(partition, i))
+            if t is None:
+                out.append(None)
+                continue
+            b, e = t["data_offsets"]
+            out.append(self._map[self._data_start + b: self._data_start + e])
+        return out
+
+    def unpack(self) -> tuple:
+        """The weights in docs/design.md#base-weight-formats (exactly what the kernels computed
+        with): gate, up [E, I, H] and down [E, H, I], bf16 arrays or QuantizedWeights."""
+        p = self.params
+        return unpack([self.views(t) for t in range(p["tp_count"])], p)
+
+    def check_spec(self, spec: MoESpec | None) -> MoESpec:
+        """`spec`, or the file's own; a given one must describe the same weights."""
+        if spec is None:
+            return self.spec
+        if not isinstance(spec, MoESpec):
+            raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
+        mine, theirs = self.spec, spec
+        pairs = {"expert_num": (mine.expert_num, theirs.expert_num),
+                 "hidden_size": (mine.hidden_size, theirs.hidden_size),
+                 "intermediate_size": (mine.intermediate_size, theirs.intermediate_size),
+                 "quant.mode": (mine.quant.mode, theirs.quant.mode),
+                 "quant.group_size": (mine.quant.group_size, theirs.quant.group_size)}
+        bad = [f"{k} {b!r} (the file's: {a!r})" for k, (a, b) in pairs.items() if a != b]
+        if bad:
+            raise PackedFileError(f"spec: does not describe the weights of {self.path}: {'; '.join(bad)}")
+        return spec
+
+    def close(self) -> None:
+        self._map = None
+
+
+def unpack(parts: list[list], params: dict) -> tuple:
+    """The §6 weights of packed buffers (one list of 12 uint8 arrays per partition)."""
+    E, H, I_full, tp = params["E"], params["H"], params["I"], params["tp_count"]
+    mode, G, pack, P = params["mode"], params["group_size"], params["pack"], params["panel"]
+    I = I_full // tp
+    out = []
+    for m, name in enumerate(MATRICES):
+        rows, K = (I, H) if m < 2 else (H, I)
+        panels = E * (rows // P)
+        qs, ss, zs = [], [], []
+        for bufs in parts:
+            q, s, z = bufs[4 * m], bufs[4 * m + 1], bufs[4 * m + 2]
+            if mode in ("bf16", "int8"):
+                dt = quant.bfloat16 if mode == "bf16" else np.dtype(np.int8)
+                w = q[: panels * K * P * dt.itemsize].view(dt).reshape(panels, K // pack, P, pack)
+                qs.append(w.transpose(0, 2, 1, 3).reshape(E, rows, K))
+                if mode == "int8":
+                    ss.append(s.view(np.float32).reshape(E, rows))
+            else:
+                nib = quant._unpack_nibbles(q[: panels * K * P // 2].reshape(panels, K, P // 2))
+                qs.append(quant._pack_nibbles(nib.transpose(0, 2, 1)).reshape(E, rows, K // 2))
+                sdt = np.float16 if mode == "awq" else quant.bfloat16
+                ss.append(s.view(sdt).reshape(panels, K // G, P).transpose(0, 2, 1).reshape(E, rows, K // G))
+                if mode == "awq":
+                    zs.append(z.reshape(panels, K // G, P).transpose(0, 2, 1).reshape(E, rows, K // G))
+        axis = 1 if m < 2 else 2   # partitions split gate/up rows, down's K
+        q = np.ascontiguousarray(np.concatenate(qs, axis=axis))
+        shape = (E, I_full, H) if m < 2 else (E, H, I_full)
+        if mode == "bf16":
+            out.append(q)
+            continue
+        if mode == "int8":   # every partition holds all of a row's scales: down's are the same
+            s = np.ascontiguousarray(np.concatenate(ss, axis=1) if m < 2 else ss[0])
+            out.append(quant.QuantizedWeights(mode, q, s, None, shape, None))
+            continue
+        s = np.ascontiguousarray(np.concatenate(ss, axis=axis))
+        z = np.ascontiguousarray(np.concatenate(zs, axis=axis)) if zs else None
+        out.append(quant.QuantizedWeights(mode, q, s, z, shape, G))
+    return tuple(out)
+
+
+def metadata(spec: MoESpec, layout: str, tier: str) -> dict[str, str]:
+    return {"format": FORMAT, "version": VERSION, "layout": layout, "spec": spec.model_dump_json(),
+            "tier": tier, "ktgen": __version__}
