@@ -335,6 +335,23 @@ def cmd_cache(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pack
+
+def cmd_pack(args) -> int:
+    from . import checkpoint
+
+    index = checkpoint.pack(args.checkpoint, args.out, quant=args.quant, group_size=args.group_size,
+                            isa=args.isa, tp_count=args.tp, progress=not args.quiet)
+    layers = index["layers"]
+    total = sum(v["base_weights"] for v in layers.values())
+    first = next(iter(layers.values()))
+    _out(f"packed {len(layers)} MoE layer{'s' * (len(layers) != 1)} of {index['checkpoint']} into "
+         f"{args.out}: {fmt_bytes(total)}, tier {first['tier']}")
+    _out(f"  layout: {first['layout']}")
+    _out(f"  index:  {Path(args.out) / checkpoint.PACK_INDEX}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def _int_at_least(minimum: int, what: str):
@@ -406,6 +423,18 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {TORCH_BUDGET_S:g})")
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("pack", help="pack a checkpoint's MoE experts for this tier into files that load by mmap")
+    s.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face checkpoint directory (safetensors)")
+    s.add_argument("out", metavar="OUT_DIR", help="where the packed files and ktgen-pack.json go")
+    s.add_argument("--quant", choices=("bf16", "int8", "awq", "k2"),
+                   help="quant mode (default: the checkpoint's own: bf16 for float weights)")
+    s.add_argument("--group-size", type=_positive, metavar="G", help="group size when quantizing to awq or k2")
+    s.add_argument("--isa", help=ISA_HELP.replace("; default: KTGEN_ISA, else the spec's isa",
+                                                  "; default: KTGEN_ISA, else this machine's best"))
+    s.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel partitions (default 1)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_pack)
+
     s = sub.add_parser("cache", help="list or clear the kernel cache (KTGEN_CACHE_DIR)")
     s.add_argument("action", choices=("list", "clear"))
     s.set_defaults(func=cmd_cache)
@@ -415,8 +444,10 @@ def _parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .runtime import CacheFullError, KernelError
     from .spec import SpecError
+    from .checkpoint import CheckpointError
+    from .quant import QuantError
     return (SpecError, isa_mod.ISAError, CompilerError, CacheError, BuildError, KernelError,
-            CacheFullError, NotImplementedError, OSError, MemoryError)
+            CacheFullError, CheckpointError, QuantError, NotImplementedError, OSError, MemoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

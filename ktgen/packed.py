@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
+from . import checkpoint, quant
 from ._version import __version__
 from .spec import MoESpec
 
@@ -81,12 +81,8 @@ class PackedFile:
     def __init__(self, path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100 << 20:
-                    raise PackedFileError(f"{self.path}: not a safetensors file (header of {n} bytes)")
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+            header, self._data_start = checkpoint.read_header(self.path)
+        except (OSError, checkpoint.CheckpointError) as err:
             raise PackedFileError(f"{self.path}: cannot read a safetensors header ({err})") from None
         meta = header.pop("__metadata__", None) or {}
         if meta.get("format") != FORMAT:
@@ -99,7 +95,6 @@ class PackedFile:
         self.spec = MoESpec.model_validate_json(meta["spec"])
         self.layout = meta["layout"]
         self.tier = meta.get("tier", "?")
-        self._data_start = 8 + n
         self._header = header
         size = os.path.getsize(self.path)
         end = max((t["data_offsets"][1] for t in header.values()), default=0)

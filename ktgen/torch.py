@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import adapters
+from . import adapters, checkpoint as _checkpoint, packed as _packed
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
@@ -227,6 +227,12 @@ def _hf_load_state_dict_pre_hook(module: "KTMoE", state_dict, prefix, local_meta
 
 # ---- the module ----
 
+@dataclass(frozen=True)
+class _PackedFile:
+    """KTMoE's base weights given as a packed weight file (KTMoE.from_packed)."""
+    path: Path
+
+
 class KTMoE(nn.Module):
     """One MoE expert layer on ktgen's kernels, with trainable LoRA parameters.
 
@@ -256,14 +262,27 @@ class KTMoE(nn.Module):
                 self.load_lora(lora)
         elif lora is not None:
             raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null), but LoRA weights were given")
-        weights = [_base_weight(n, w) for n, w in (("gate", gate), ("up", up), ("down", down))]
-        self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)
+        if isinstance(gate, _PackedFile):
+            self.moe = MoE.from_packed(gate.path, spec, lora=self._lora_views() if spec.lora else None)
+        else:
+            weights = [_base_weight(n, w) for n, w in (("gate", gate), ("up", up), ("down", down))]
+            self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)
         self._lora_key = self._current_lora_key()
         # Set by from_hf_experts: how the experts module stored its weights, so that state_dict
         # (and save_pretrained) writes them back in that format.
         self._hf_format: dict | None = None
         self.register_state_dict_post_hook(_hf_state_dict_hook)
         self.register_load_state_dict_pre_hook(_hf_load_state_dict_pre_hook)
+
+    @classmethod
+    def from_packed(cls, path, spec=None, lora=None, *, generator: torch.Generator | None = None) -> "KTMoE":
+        """A KTMoE whose base weights are a packed weight file (`ktgen pack`, MoE.save_packed),
+        mapped read-only when this tier's layout is the file's (ktgen.MoE.from_packed). spec: the
+        file's (default) or another for the same weights (its LoRA, max_len, tp_count, ...)."""
+        if isinstance(spec, (str, os.PathLike)):
+            spec = load_spec(spec)
+        spec = _packed.PackedFile(path).check_spec(spec)
+        return cls(spec, _PackedFile(Path(path)), None, None, lora, generator=generator)
 
     # ---- rebuilding the kernels: pickling, deepcopy, a LoRA dtype change ----
     def _rebuild(self, spec: MoESpec, base: tuple) -> None:
@@ -805,7 +824,7 @@ def _hf_weights(module: nn.Module):
 
 
 def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str = "hf_experts",
-                    **spec_fields) -> KTMoE:
+                    weights=None, **spec_fields) -> KTMoE:
     """A KTMoE with the base weights of a Hugging Face MoE block's experts (Qwen3-MoE, Mixtral,
     DeepSeek-V2/V3, Qwen2-MoE layouts; `module` is the block or its experts module).
 
@@ -814,8 +833,16 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
     the other MoESpec fields (lora, max_len, quant, tp_count, ...). A given spec must match the
     weights. The returned module takes the experts' forward arguments (hidden_states [T, H],
     top_k_index, top_k_weights), so it can replace `block.experts` of a transformers ≥ 5 block.
+    weights: the base weights to use instead of the module's (gate, up, down in any form KTMoE
+    takes, or a packed weight file): the module is still checked, and gives top_k and its format;
+    its own weights may then be on the meta device (patch_model's checkpoint=).
     """
     gate, up, down, experts, limit = _hf_weights(module)
+    source = None
+    if isinstance(weights, _PackedFile):
+        source = weights
+    elif weights is not None:
+        gate, up, down = weights
     E, I, H = gate.shape
     if tuple(up.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
         raise ValueError(f"module: inconsistent expert shapes gate {tuple(gate.shape)}, "
@@ -842,7 +869,7 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
         if spec.swiglu_limit != limit:
             raise ValueError(f"spec: swiglu_limit = {spec.swiglu_limit!r}, but the module's experts "
                              f"clamp at {limit!r}")
-    layer = KTMoE(spec, gate, up, down)
+    layer = KTMoE(spec, gate, up, down) if source is None else KTMoE.from_packed(source.path, spec)
     if not isinstance(experts, nn.ModuleList):
         layer._hf_format = {"dtype": experts.gate_up_proj.dtype,
                             "is_transposed": bool(getattr(experts, "is_transposed", False)),
@@ -932,30 +959,116 @@ def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def patch_model(model: nn.Module, *, quant="bf16", lora=None, max_len: int = 4096, isa: str = "auto",
+class _ExpertsSource:
+    """patch_model's checkpoint=: a Hugging Face checkpoint directory, or a `ktgen pack` output
+    directory (its ktgen-pack.json names the checkpoint it came from)."""
+
+    def __init__(self, directory):
+        directory = Path(directory)
+        index = directory / _checkpoint.PACK_INDEX
+        self.pack = json.loads(index.read_text()) if index.exists() else None
+        self.directory = directory
+        self.renames: dict[str, str] = {}   # a model block's path -> its name in the checkpoint
+        if self.pack is not None:
+            if self.pack.get("format") != "ktgen-pack" or self.pack.get("version") != "1":
+                raise ValueError(f"checkpoint: {index} is not a ktgen-pack index of version 1")
+            origin = Path(self.pack.get("checkpoint", ""))
+            self.hf = _checkpoint.Checkpoint(origin) if (origin / "config.json").exists() else None
+        else:
+            self.hf = _checkpoint.Checkpoint(directory)
+
+    def layer(self, module_path: str, quant: dict, experts: nn.Module):
+        """(weights for from_hf_experts, the spec's quant fields) of one experts module."""
+        if self.pack is not None:
+            prefix = _checkpoint.match_prefix(module_path, self.pack["layers"], self.directory)
+            self.renames[module_path.rsplit(".", 1)[0]] = prefix
+            path = self.directory / self.pack["layers"][prefix]["file"]
+            q = _packed.PackedFile(path).spec.quant.model_dump()
+            if quant.get("mode", q["mode"]) != q["mode"]:
+                raise ValueError(f"quant: {self.directory} holds {q['mode']} experts, not {quant['mode']}")
+            return _PackedFile(path), q
+        keys = self.hf.match(module_path)
+        self.renames[module_path.rsplit(".", 1)[0]] = keys.prefix
+        mode = quant.get("mode") or self.hf.layer_format(keys)
+        weights = self.hf.load_layer(keys, mode, group_size=quant.get("group_size"),
+                                     is_transposed=bool(getattr(experts, "is_transposed", False)),
+                                     is_concatenated=bool(getattr(experts, "is_concatenated", True)))
+        q = {**quant, "mode": mode}
+        if mode in ("awq", "k2"):
+            q["group_size"] = weights[0].group_size
+        return weights, q
+
+    def load_rest(self, model: nn.Module) -> None:
+        """Every parameter and persistent buffer still on the meta device (a model built under
+        accelerate.init_empty_weights()), read from the checkpoint under its own name or under
+        the checkpoint's name of its MoE block; tied weights are tied again."""
+        meta = _meta_tensors(model)
+        if not meta:
+            return
+        if self.hf is None:
+            raise ValueError(f"model: {len(meta)} tensors ({', '.join(meta[:3])}, ...) are on the meta "
+                             f"device, and {self.directory}'s ktgen-pack.json names no checkpoint "
+                             f"to read them from")
+        state = {}
+        for key in meta:
+            cand = [key] + [prefix + key[len(block):] for block, prefix in self.renames.items()
+                            if key.startswith(block + ".")]
+            found = next((c for c in cand if c in self.hf.tensors), None)
+            if found is not None:
+                state[key] = _from_np(self.hf.read(found))
+        state = {k: t.to(meta[k].dtype) for k, t in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        still = list(_meta_tensors(model))
+        if still:
+            raise ValueError(f"checkpoint: {self.hf.directory} has no tensor for {', '.join(still[:4])}"
+                             f"{' ...' if len(still) > 4 else ''} (on the meta device; load the model "
+                             f"with from_pretrained when its checkpoint renames them)")
+
+
+def _meta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers on the meta device, by state-dict name (not through
+    state_dict(), whose KTMoE hook would dequantize every expert layer)."""
+    found = {}
+    for name, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                   model.named_buffers(remove_duplicate=False)):
+        if t.device.type == "meta":
+            found[name] = t
+    return found
+
+
+def patch_model(model: nn.Module, *, quant=None, lora=None, max_len: int = 4096, isa: str = "auto",
                 checkpoint=None, threads: int | None = None, progress: bool = True) -> PatchReport:
     """Run every MoE experts module of a transformers model on ktgen, in place, and freeze every
     base weight so that only the experts' LoRA parameters train.
 
-    quant: "bf16", "int8", "awq", "k2" or a dict of MoESpec.quant fields. lora: None (PEFT's
+    quant: "bf16", "int8", "awq", "k2" or a dict of MoESpec.quant fields (default: bf16, or the
+    checkpoint's own int4 format). lora: None (PEFT's
     defaults, r=8 and lora_alpha=8, so a PEFT-default adapter loads), False (no LoRA), a dict
     (r/rank, lora_alpha/alpha — default 8 as PEFT's —, use_rslora, dtype) or a
     peft.LoraConfig. max_len: the most tokens (batch x sequence) one forward takes. isa:
     MoESpec.isa. Each experts module is checked first (from_hf_experts refuses one ktgen does
     not compute exactly, before anything is replaced), then replaced one at a time with a
     progress bar. Returns a PatchReport (print it for a summary).
+
+    checkpoint: a Hugging Face checkpoint directory, or the output directory of `ktgen pack`.
+    The experts are then built from its files, one layer at a time, never from the model's own
+    weights: bf16/fp16/fp32, AutoAWQ GEMM or compressed-tensors pack-quantized experts, or packed
+    files (mapped read-only when this tier packs as they were written). The model may be built
+    empty (`with accelerate.init_empty_weights(): model = AutoModelForCausalLM.from_config(cfg)`):
+    every parameter still on the meta device after patching is read from the checkpoint. Loading
+    a whole model this way holds its packed experts and one layer's source weights at a time.
     """
-    if checkpoint is not None:
-        raise NotImplementedError(
-            "checkpoint=: building the experts straight from the checkpoint's safetensors is not "
-            "implemented yet (issue 14, item 3); load the model with from_pretrained and call "
-            "patch_model(model) without checkpoint")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(quant, str):
+    if quant is None:
+        quant = {}
+    elif isinstance(quant, str):
         quant = {"mode": quant}
     elif not isinstance(quant, Mapping):
         raise TypeError(f"quant: expected a mode name or a dict of quant fields, got {type(quant).__name__}")
+    source = None if checkpoint is None else _ExpertsSource(checkpoint)
     lora_fields = _lora_spec_fields(lora)
     blocks = _moe_blocks(model)
     if not blocks:
@@ -965,7 +1078,7 @@ def patch_model(model: nn.Module, *, quant="bf16", lora=None, max_len: int = 409
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", None) or "hf")
     name = "hf_" + re.sub(r"[^a-z0-9_]", "_", model_type.lower())
-    fields = {"max_len": max_len, "isa": isa, "quant": dict(quant), "lora": lora_fields}
+    fields = {"max_len": max_len, "isa": isa, "quant": dict(quant) or {"mode": "bf16"}, "lora": lora_fields}
     if threads is not None:
         fields["threads"] = threads
     for path, block in blocks:  # refuse before replacing anything
@@ -982,11 +1095,19 @@ def patch_model(model: nn.Module, *, quant="bf16", lora=None, max_len: int = 409
     specs: list[MoESpec] = []
     patched = []
     for path, block in it:
-        layer = from_hf_experts(block, name=name, **fields)
+        if source is None:
+            layer = from_hf_experts(block, name=name, **fields)
+        else:
+            weights, q = source.layer(f"{path}.experts" if path else "experts", dict(quant), block.experts)
+            layer = from_hf_experts(block, name=name, weights=weights, **{**fields, "quant": q})
+            del weights
+            _checkpoint.trim_heap()
         block.experts = layer  # the old experts (and their weights) go
         patched.append(".".join(p for p in (path, "experts") if p))
         if layer.spec not in specs:
             specs.append(layer.spec)
+    if source is not None:
+        source.load_rest(model)
     for p in model.parameters():
         p.requires_grad_(False)
     lora_count = 0

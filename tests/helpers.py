@@ -248,3 +248,32 @@ def build_harness(tmp_path, target, harness: str) -> str:
     (d / "harness.c").write_text(harness)
     subprocess.run(["cc", *target.cflags, "-w", "harness.c", "-o", "harness", "-lm"], check=True, cwd=d)
     return str(d / "harness")
+
+
+# ---- checkpoint formats, packed by independent implementations of the published layouts ----
+
+def pack_autoawq(intweight, intzeros):
+    """AutoAWQ GEMM packing (WQLinear_GEMM.from_linear): int [K, N] -> int32 [K, N/8], where
+    nibble i of word c holds column 8c + order[i], order = [0, 2, 4, 6, 1, 3, 5, 7]."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def pack(a):
+        rows, N = a.shape
+        out = np.zeros((rows, N // 8), np.uint32)
+        for c in range(N // 8):
+            for i in range(8):
+                out[:, c] |= a[:, 8 * c + order[i]].astype(np.uint32) << np.uint32(4 * i)
+        return out.view(np.int32)
+
+    return pack(intweight), pack(intzeros)
+
+
+def pack_compressed_tensors(q):
+    """compressed-tensors pack-quantized int4: int [N, K] in -8..7 stored as q + 8,
+    element k = 8c + i at bits 4i .. 4i+3 of int32 word c."""
+    u = (q + 8).astype(np.uint32)
+    N, K = q.shape
+    out = np.zeros((N, K // 8), np.uint32)
+    for i in range(8):
+        out |= u[:, i::8] << np.uint32(4 * i)
+    return out.view(np.int32)

@@ -13,7 +13,7 @@ import ktgen
 from ktgen import quant, reference
 from ktgen.reference import rel_l2
 
-from helpers import LORA_NAMES, RUN_TIERS, make_inputs, make_weights
+from helpers import LORA_NAMES, RUN_TIERS, make_inputs, make_weights, pack_autoawq, pack_compressed_tensors
 
 bf16 = ml_dtypes.bfloat16
 MODES = [("int8", None), ("awq", 32), ("k2", 32)]
@@ -74,23 +74,7 @@ def test_k2_formula_and_zero_group():
     np.testing.assert_array_equal(u[32:] - 8, np.clip(np.rint(x / np.float32(scale)), -8, 7))
 
 
-# ---- checkpoint formats, packed by independent implementations of the published layouts ----
-
-def pack_autoawq(intweight, intzeros):
-    """AutoAWQ GEMM packing (WQLinear_GEMM.from_linear): int [K, N] -> int32 [K, N/8], where
-    nibble i of word c holds column 8c + order[i], order = [0, 2, 4, 6, 1, 3, 5, 7]."""
-    order = [0, 2, 4, 6, 1, 3, 5, 7]
-
-    def pack(a):
-        rows, N = a.shape
-        out = np.zeros((rows, N // 8), np.uint32)
-        for c in range(N // 8):
-            for i in range(8):
-                out[:, c] |= a[:, 8 * c + order[i]].astype(np.uint32) << np.uint32(4 * i)
-        return out.view(np.int32)
-
-    return pack(intweight), pack(intzeros)
-
+# ---- checkpoint formats (packed by helpers.pack_autoawq and pack_compressed_tensors) ----
 
 def test_from_autoawq_reproduces_the_checkpoint_exactly():
     rng = np.random.default_rng(4)
@@ -110,17 +94,6 @@ def test_from_autoawq_reproduces_the_checkpoint_exactly():
     assert stacked.shape == (3, N, K)
     np.testing.assert_array_equal(quant.dequantize(stacked)[2], expect.T)
     np.testing.assert_array_equal(quant.stack([qw, qw]).q, stacked.q[:2])
-
-
-def pack_compressed_tensors(q):
-    """compressed-tensors pack-quantized int4: int [N, K] in -8..7 stored as q + 8,
-    element k = 8c + i at bits 4i .. 4i+3 of int32 word c."""
-    u = (q + 8).astype(np.uint32)
-    N, K = q.shape
-    out = np.zeros((N, K // 8), np.uint32)
-    for i in range(8):
-        out |= u[:, i::8] << np.uint32(4 * i)
-    return out.view(np.int32)
 
 
 def test_from_compressed_tensors_reproduces_the_checkpoint_exactly():

@@ -1,0 +1,167 @@
+"""Packed weight files (issue 14, item 3): MoE.save_packed writes the kernels' buffers, from_packed
+maps them where the layout matches and repacks them exactly where it does not, and the file is a
+safetensors file other tools read."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import ktgen
+from ktgen import packed
+
+from helpers import amx_spec, bf16, make_inputs, make_weights
+
+PROJ = ("gate", "up", "down")
+
+
+@pytest.fixture
+def amx_emulated(monkeypatch):
+    """The auto tier is the amx one, emulated: bf16 pairs and int8 quads in its panels (the
+    generic tier packs plain K-major rows, so the two layouts differ in those modes)."""
+    monkeypatch.setenv("KTGEN_EMULATE_AMX", "1")
+    monkeypatch.setenv("KTGEN_ISA", "amx")
+
+
+def layer(spec, isa=None, seed=0):
+    rng = np.random.default_rng(seed)
+    lw = ktgen.LoRAWeights.random(spec, rng, std=0.3) if spec.lora else None
+    return ktgen.MoE(spec, *make_weights(spec, rng), lw, isa=isa), lw
+
+
+def assert_same_weights(a, b):
+    for n in PROJ:
+        assert np.array_equal(a.dequantized(n), b.dequantized(n)), n
+
+
+def assert_same_layer(a, b, spec):
+    """Bitwise the same forward and backward (same tier, same weights, same LoRA)."""
+    rng = np.random.default_rng(7)
+    x, ids, rw = make_inputs(spec, rng, 40)
+    ids[:3] = 0
+    g = (rng.standard_normal((40, spec.hidden_size)) * 0.1).astype(bf16)
+    (oa, sa), (ob, sb) = a.forward_train(x, ids, rw), b.forward_train(x, ids, rw)
+    assert np.array_equal(oa.view(np.uint16), ob.view(np.uint16))
+    ga, gb = a.backward(sa, g), b.backward(sb, g)
+    for name in ("input", "routing_weights") + ktgen.LORA_NAMES:
+        if getattr(ga, name) is not None:
+            assert np.array_equal(np.asarray(getattr(ga, name)).view(np.uint8),
+                                  np.asarray(getattr(gb, name)).view(np.uint8)), name
+
+
+@pytest.mark.parametrize("mode, tp", [("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2),
+                                      ("awq", 1), ("k2", 2)])
+def test_packed_file_maps_on_its_layout_and_repacks_exactly_on_another(amx_emulated, tmp_path, mode, tp, caplog):
+    spec = amx_spec(mode, True, tp)
+    path = tmp_path / "layer.safetensors"
+    for writer_isa, reader_isa in ((None, None), ("generic", None), (None, "generic")):
+        src, lw = layer(spec, writer_isa)
+        src.save_packed(path)
+        caplog.clear()
+        got = ktgen.MoE.from_packed(path, lora=lw, isa=reader_isa)
+        same = got.packed_layout == src.packed_layout
+        # int4 panels are the same on every tier; bf16 pairs and int8 quads are the amx tier's
+        assert same == (writer_isa == reader_isa or mode in ("awq", "k2"))
+        assert got.mapped == same
+        assert ("repacked in memory" in caplog.text) == (not same)
+        assert_same_weights(src, got)
+        if writer_isa == reader_isa:
+            assert_same_layer(src, got, spec)
+        else:
+            assert_same_layer(ktgen.MoE(spec, *src.base_weights(), lw, isa=reader_isa), got, spec)
+
+
+def test_mapped_weights_are_the_file_pages_not_a_copy(tmp_path):
+    spec = amx_spec("bf16", True, 2)
+    src, lw = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    got = ktgen.MoE.from_packed(path, lora=lw, isa="generic")
+    assert got.mapped
+    mapping = got._mapped._map
+    lo = mapping.ctypes.data
+    for bufs in got._packed_views():
+        for ptr, n in bufs:
+            if n:
+                addr = int(got.kernel.ffi.cast("uintptr_t", ptr))
+                assert lo <= addr and addr + n <= lo + mapping.size
+                assert addr % packed.ALIGN == 0 or n % packed.ALIGN   # only the zeros may be unaligned
+    with pytest.raises(ValueError, match="read-only"):
+        mapping[0] = 1
+
+
+def test_packed_file_is_a_safetensors_file(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    spec = amx_spec("awq", True, 2)
+    src, _ = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    with safetensors.safe_open(str(path), "numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "ktgen-packed" and meta["layout"] == src.packed_layout
+    assert ktgen.MoESpec.model_validate_json(meta["spec"]) == spec
+    names = {packed.buffer_name(p, i): (p, i) for p in range(2) for i in range(12)}
+    views = src._packed_views()
+    assert len(tensors) == 2 * 9   # awq: payload, scales and zeros of three projections, per partition
+    for name, arr in tensors.items():
+        p, i = names[name]
+        ptr, n = views[p][i]
+        assert arr.dtype == np.uint8 and arr.size == n
+        assert np.array_equal(arr, np.frombuffer(src.kernel.ffi.buffer(ptr, n), np.uint8))
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert (8 + n) % packed.ALIGN == 0
+
+
+def test_from_packed_takes_another_spec_of_the_same_weights(tmp_path):
+    spec = amx_spec("int8", True, 1)
+    src, _ = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    other = spec.replace(tp_count=2, max_len=32, lora={"rank": 16, "dtype": "bfloat16"})
+    got = ktgen.MoE.from_packed(path, other, isa="generic")   # another tp_count: repacked
+    assert got.spec == other and not got.mapped
+    assert_same_weights(src, got)
+    with pytest.raises(packed.PackedFileError, match=r"spec: .*hidden_size 128 \(the file's: 96\)"):
+        ktgen.MoE.from_packed(path, spec.replace(hidden_size=128), isa="generic")
+    with pytest.raises(packed.PackedFileError, match=r"quant.mode 'bf16'"):
+        ktgen.MoE.from_packed(path, spec.replace(quant={"mode": "bf16"}), isa="generic")
+
+
+def test_bad_packed_files_are_refused_by_name(tmp_path):
+    spec = amx_spec("bf16", False, 1)
+    src, _ = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-64])
+    with pytest.raises(packed.PackedFileError, match="short.safetensors: truncated"):
+        ktgen.MoE.from_packed(tmp_path / "short.safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["version"] = "0"
+    text = json.dumps(header).encode()
+    (tmp_path / "old.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    with pytest.raises(packed.PackedFileError, match="version '0'"):
+        ktgen.MoE.from_packed(tmp_path / "old.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 100)
+    with pytest.raises(packed.PackedFileError, match="junk.safetensors"):
+        ktgen.MoE.from_packed(tmp_path / "junk.safetensors")
+    with pytest.raises(packed.PackedFileError, match="missing.safetensors"):
+        ktgen.MoE.from_packed(tmp_path / "missing.safetensors")
+
+
+def test_loading_weights_after_attaching_packs_into_own_storage(tmp_path):
+    spec = amx_spec("bf16", True, 1)
+    src, lw = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    got = ktgen.MoE.from_packed(path, lora=lw, isa="generic")
+    other, _ = layer(spec, "generic", seed=1)
+    got._load(dict(zip(PROJ, other.base_weights())))   # the C load_weights on an attached context
+    assert_same_weights(other, got)
+    assert np.array_equal(ktgen.MoE.from_packed(path, isa="generic").dequantized("gate"),
+                          src.dequantized("gate"))   # the file was not written
