@@ -150,6 +150,43 @@ def _handle_for(entry: _Entry) -> torch.Tensor:
     return torch.from_numpy(box)
 
 
+# ---- GPU hybrid: activations cross to the CPU experts and back through pinned buffers ----
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t copied into page-locked host memory (torch's caching host allocator reuses the blocks,
+    and keeps one alive until the asynchronous copies that read it are done)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    if t.device.type == "cuda":
+        torch.cuda.current_stream(t.device).synchronize()   # the kernels read it next
+    return host
+
+
+class _ToHost(torch.autograd.Function):
+    """A CUDA tensor on the CPU (pinned); its gradient goes back to the CUDA device."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.device = t.device
+        return _pinned_copy(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _pinned_copy(grad.contiguous()).to(ctx.device, non_blocking=True)
+
+
+class _ToDevice(torch.autograd.Function):
+    """A CPU tensor on a CUDA device (from a pinned copy); its gradient comes back pinned."""
+
+    @staticmethod
+    def forward(ctx, t, device):
+        return _pinned_copy(t).to(device, non_blocking=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _pinned_copy(grad.contiguous()), None
+
+
 class _KTMoEFunction(torch.autograd.Function):
     """out = MoE(x, ids, w) with the LoRA parameters as inputs; backward = MoE.backward."""
 
@@ -317,7 +354,12 @@ class KTMoE(nn.Module):
         if self.spec.lora is None:
             return super()._apply(fn, recurse)
         before = self.gate_a.dtype
-        target = fn(torch.zeros(1, dtype=before)).dtype
+        probe = fn(torch.zeros(1, dtype=before))
+        target = probe.dtype
+        if probe.device.type != "cpu":
+            # model.to("cuda"): the experts and their LoRA stay on the CPU (GPU hybrid: forward
+            # takes CUDA activations); a dtype change that comes with it still applies.
+            return self if target == before else self._apply(lambda t: t.to(target), recurse)
         names = {v: k for k, v in _LORA_TORCH_DTYPES.items()}
         if target != before and target not in names:
             raise ValueError(f"dtype: KTMoE's LoRA parameters are float32 or bfloat16 (the kernels "
@@ -423,8 +465,11 @@ class KTMoE(nn.Module):
                         ("topk_weights", topk_weights)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if t.device.type != "cpu":
-                raise ValueError(f"{name}: KTMoE runs on the CPU; got a tensor on {t.device}")
+            if t.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"{name}: KTMoE takes CPU or CUDA tensors; got a tensor on {t.device}")
+            if t.device != hidden_states.device:
+                raise ValueError(f"{name}: on {t.device}, but hidden_states is on {hidden_states.device}")
+        device = hidden_states.device
         if hidden_states.ndim < 1 or hidden_states.shape[-1] != H:
             raise ValueError(f"hidden_states: expected shape [..., {H}], got {tuple(hidden_states.shape)}")
         lead = tuple(hidden_states.shape[:-1])
@@ -450,6 +495,8 @@ class KTMoE(nn.Module):
             ids = ids.to(torch.int64)
         ids = ids.detach().contiguous()
         w = topk_weights.reshape(-1, k).to(torch.float32).contiguous()
+        if device.type != "cpu":   # GPU hybrid: through pinned host buffers, and back
+            x, ids, w = _ToHost.apply(x), _ToHost.apply(ids), _ToHost.apply(w)
 
         self._sync_lora()
         params = self._lora_params()
@@ -459,6 +506,8 @@ class KTMoE(nn.Module):
             out = _KTMoEFunction.apply(self, x, ids, w, *params)
         else:
             out = _from_np(self.moe.forward(_np_view(x), _np_view(ids), _np_view(w)))
+        if device.type != "cpu":
+            out = _ToDevice.apply(out, device)
         return out.reshape(*lead, H)
 
     # ---- the rest ----

@@ -216,6 +216,10 @@ def test_bad_arguments_raise_value_error():
         layer(x, bad, w)
     with pytest.raises(ValueError, match="max_len"):
         layer(*make_inputs(spec, spec.max_len + 1))
+    with pytest.raises(ValueError, match="hidden_states: KTMoE takes CPU or CUDA tensors; got a tensor on meta"):
+        layer(x.to("meta"), ids, w)
+    with pytest.raises(ValueError, match="topk_weights: KTMoE takes CPU or CUDA tensors"):
+        layer(x, ids, w.to("meta"))
 
 
 def test_gradcheck_style_jacobian_against_float64_finite_differences():
