@@ -4,9 +4,11 @@
 
 1. A tiny Qwen3-MoE is built from a config and saved as a checkpoint directory (a stand-in
    for a real one such as Qwen/Qwen3-30B-A3B).
-2. It is loaded with transformers and patched with `ktgen.torch.patch_model`: every MoE
-   experts module runs on ktgen, every base weight is frozen, only the experts' LoRA trains
-   (PEFT's default r=8, lora_alpha=8).
+2. The model is built empty from its config and patched from the checkpoint directory with
+   `ktgen.torch.patch_model(model, checkpoint=DIR)`: every MoE experts module runs on ktgen,
+   its experts packed straight from the checkpoint's files, the other weights read after;
+   every base weight is frozen, only the experts' LoRA trains (PEFT's default r=8,
+   lora_alpha=8).
 3. transformers' `Trainer` trains it on a toy task (count up by 5 modulo 64).
 4. The adapter is saved in PEFT's format (`ktgen.torch.save_adapter`), loaded back with plain
    PEFT on the unpatched model, and both generate from the same prompt.
@@ -69,6 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
+    import accelerate
     import peft
     import transformers
     from ktgen.torch import patch_model, save_adapter
@@ -81,8 +84,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     try:
         build_checkpoint(out / "base")
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"))
-        report = patch_model(model, max_len=SEQ * 8, progress=not args.quiet)
+        # Built empty (no weights in memory), then patched from disk: the experts are packed
+        # straight from the checkpoint's files one layer at a time, the rest is read after.
+        config = transformers.AutoConfig.from_pretrained(str(out / "base"))
+        with accelerate.init_empty_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        report = patch_model(model, checkpoint=out / "base", max_len=SEQ * 8, progress=not args.quiet)
         say(report)
 
         targs = transformers.TrainingArguments(
