@@ -32,6 +32,14 @@ def layer(spec, isa=None, seed=0):
     return ktgen.MoE(spec, *make_weights(spec, rng), lw, isa=isa), lw
 
 
+def saved_layer(tmp_path, spec):
+    """A generic-tier layer, its LoRA, and the packed file it saved."""
+    src, lw = layer(spec, "generic")
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    return src, lw, path
+
+
 def assert_same_weights(a, b):
     for n in PROJ:
         assert np.array_equal(a.dequantized(n), b.dequantized(n)), n
@@ -76,9 +84,7 @@ def test_packed_file_maps_on_its_layout_and_repacks_exactly_on_another(amx_emula
 
 def test_mapped_weights_are_the_file_pages_not_a_copy(tmp_path):
     spec = amx_spec("bf16", True, 2)
-    src, lw = layer(spec, "generic")
-    path = tmp_path / "layer.safetensors"
-    src.save_packed(path)
+    src, lw, path = saved_layer(tmp_path, spec)
     got = ktgen.MoE.from_packed(path, lora=lw, isa="generic")
     assert got.mapped
     mapping = got._mapped._map
@@ -96,9 +102,7 @@ def test_mapped_weights_are_the_file_pages_not_a_copy(tmp_path):
 def test_packed_file_is_a_safetensors_file(tmp_path):
     safetensors = pytest.importorskip("safetensors")
     spec = amx_spec("awq", True, 2)
-    src, _ = layer(spec, "generic")
-    path = tmp_path / "layer.safetensors"
-    src.save_packed(path)
+    src, _, path = saved_layer(tmp_path, spec)
     with safetensors.safe_open(str(path), "numpy") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -118,9 +122,7 @@ def test_packed_file_is_a_safetensors_file(tmp_path):
 
 def test_from_packed_takes_another_spec_of_the_same_weights(tmp_path):
     spec = amx_spec("int8", True, 1)
-    src, _ = layer(spec, "generic")
-    path = tmp_path / "layer.safetensors"
-    src.save_packed(path)
+    src, _, path = saved_layer(tmp_path, spec)
     other = spec.replace(tp_count=2, max_len=32, lora={"rank": 16, "dtype": "bfloat16"})
     got = ktgen.MoE.from_packed(path, other, isa="generic")   # another tp_count: repacked
     assert got.spec == other and not got.mapped
@@ -133,9 +135,7 @@ def test_from_packed_takes_another_spec_of_the_same_weights(tmp_path):
 
 def test_bad_packed_files_are_refused_by_name(tmp_path):
     spec = amx_spec("bf16", False, 1)
-    src, _ = layer(spec, "generic")
-    path = tmp_path / "layer.safetensors"
-    src.save_packed(path)
+    src, _, path = saved_layer(tmp_path, spec)
     data = path.read_bytes()
     (tmp_path / "short.safetensors").write_bytes(data[:-64])
     with pytest.raises(packed.PackedFileError, match="short.safetensors: truncated"):
@@ -156,9 +156,7 @@ def test_bad_packed_files_are_refused_by_name(tmp_path):
 
 def test_loading_weights_after_attaching_packs_into_own_storage(tmp_path):
     spec = amx_spec("bf16", True, 1)
-    src, lw = layer(spec, "generic")
-    path = tmp_path / "layer.safetensors"
-    src.save_packed(path)
+    src, lw, path = saved_layer(tmp_path, spec)
     got = ktgen.MoE.from_packed(path, lora=lw, isa="generic")
     other, _ = layer(spec, "generic", seed=1)
     got._load(dict(zip(PROJ, other.base_weights())))   # the C load_weights on an attached context
