@@ -131,8 +131,11 @@ def cmd_info(args) -> int:
     _out(f"cache dir:  {cfg.cache_dir} ({src}); {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
          f"{fmt_bytes(size)}")
     cores = usable_cores()
+    from .runtime import default_threads, local_processes
+    procs = local_processes()
+    share = f" / {procs} processes (LOCAL_WORLD_SIZE)" if default_threads(1) < cores else ""
     _out(f"cores:      {cores} usable (of {os.cpu_count()} online); threads per partition default "
-         f"to usable / tp_count")
+         f"to usable{share} / tp_count = {default_threads(1)} at tp_count 1")
     _out("NUMA:       " + numa.describe().replace("\n", "\n            "))
     total = mem_total()
     _out(f"memory:     {fmt_bytes(total) if total else 'unknown'} total; check/bench budget "

@@ -123,6 +123,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def local_processes() -> int:
+    """How many processes of one job share this host: LOCAL_WORLD_SIZE, as torchrun and other
+    launchers set it (1 when unset or not a positive integer)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def default_threads(tp_count: int) -> int:
+    """Threads per partition when the spec sets none: the usable cores over tp_count, shared
+    among the host's processes (local_processes) unless the launcher already gave each process
+    cores of its own (an affinity mask narrower than the machine)."""
+    cores = usable_cores()
+    procs = local_processes()
+    if procs > 1 and cores >= (os.cpu_count() or cores):
+        cores //= procs
+    return max(1, cores // tp_count)
+
+
 def _pin(cpus: list[int] | None) -> None:
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # this thread only; the OpenMP team it starts inherits it
@@ -196,7 +216,7 @@ class MoE:
         self.spec = spec
         self._mapped = None
         self.kernel: Kernel = compile_kernel(spec, isa)
-        self.threads = spec.threads or max(1, usable_cores() // spec.tp_count)
+        self.threads = spec.threads or default_threads(spec.tp_count)
         # One thread per partition when there are several, pinned to its NUMA node when the
         # machine has more than one: every call of partition p runs there (see ktgen.numa).
         self._runners = [ThreadPoolExecutor(1, initializer=_pin, initargs=(numa.partition_cpus(p),))

@@ -55,6 +55,7 @@ PEFT trained). The layout and the exact conversion are documented in ``ktgen.ada
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import logging
@@ -77,8 +78,8 @@ from .spec import MoESpec, load_spec
 
 logger = logging.getLogger("ktgen.torch")
 
-__all__ = ["KTMoE", "PatchReport", "UnsupportedExpertsError", "from_hf_experts", "load_adapter", "patch_model",
-           "save_adapter"]
+__all__ = ["ExpertParallelMoE", "KTMoE", "PatchReport", "UnsupportedExpertsError", "expert_range",
+           "from_hf_experts", "load_adapter", "patch_model", "save_adapter"]
 
 _LORA_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -91,6 +92,16 @@ def _np_view(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(_np_bf16)
     return t.numpy()
+
+
+def _pointer_view(t: torch.Tensor) -> np.ndarray:
+    """A NumPy array over a contiguous CPU tensor's memory, made from its address, so that the
+    tensor's storage stays resizable (Tensor.numpy() pins it, and FSDP2 frees and regathers its
+    unsharded parameters by resizing their storage). The caller keeps `t` alive and re-points
+    whatever reads the array when t.data_ptr() changes (KTMoE._sync_lora)."""
+    dtype = _np_bf16 if t.dtype == torch.bfloat16 else np.dtype(str(t.dtype).removeprefix("torch."))
+    n = t.numel() * t.element_size()
+    return np.frombuffer((ctypes.c_char * n).from_address(t.data_ptr()), dtype).reshape(t.shape)
 
 
 def _from_np(a: np.ndarray) -> torch.Tensor:
@@ -187,6 +198,15 @@ class _ToDevice(torch.autograd.Function):
         return _pinned_copy(grad.contiguous()), None
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    """Whether FSDP2 (fully_shard) manages the module's parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class _KTMoEFunction(torch.autograd.Function):
     """out = MoE(x, ids, w) with the LoRA parameters as inputs; backward = MoE.backward."""
 
@@ -211,8 +231,12 @@ class _KTMoEFunction(torch.autograd.Function):
                 "a KTMoE graph can be backpropagated once (retain_graph=True does not keep it)")
         layer: KTMoE = ctx.layer
         params = layer._lora_params()
+        # FSDP2 frees the unsharded LoRA after the forward and gathers it again (same values,
+        # maybe elsewhere, a new version) for the backward: point the kernels at it again.
+        layer._sync_lora()
+        fsdp = _is_fsdp(layer)
         for name, p, v, ptr in zip(LORA_NAMES, params, entry.versions, entry.ptrs):
-            if p.data_ptr() == ptr and p._version != v:
+            if not fsdp and p.data_ptr() == ptr and p._version != v:
                 raise RuntimeError(
                     f"ktgen.torch.KTMoE: LoRA parameter {name} was modified in place between the "
                     f"forward and its backward (version {v} -> {p._version}); run backward before "
@@ -444,7 +468,7 @@ class KTMoE(nn.Module):
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(p.shape)}")
             if not p.is_contiguous():
                 raise ValueError(f"{name}: expected a contiguous parameter, got strides {p.stride()}")
-        return LoRAWeights(**{n: _np_view(getattr(self, n)) for n in LORA_NAMES})
+        return LoRAWeights(**{n: _pointer_view(getattr(self, n)) for n in LORA_NAMES})
 
     def _sync_lora(self) -> None:
         """Re-point the kernels if a parameter's storage was replaced since the last forward."""
@@ -532,10 +556,13 @@ class KTMoE(nn.Module):
 
     @torch.no_grad()
     def load_peft_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
-                             config: Mapping | None = None) -> None:
+                             config: Mapping | None = None, *, experts: range | None = None,
+                             expert_num: int | None = None) -> None:
         """Load this layer's LoRA from a PEFT state dict (keys as `peft_state_dict` writes them,
         or as PEFT itself trains them with a shared A), in place. With `config` (the
-        adapter_config dict), its ranks and alphas must give this spec's scale."""
+        adapter_config dict), its ranks and alphas must give this spec's scale. experts,
+        expert_num: the state dict is of a layer of expert_num experts, of which this one holds
+        `experts` (ExpertParallelMoE)."""
         spec = self.spec
         if spec.lora is None:
             raise ValueError(f"spec {spec.name} has no LoRA (lora: null): nothing to load")
@@ -547,7 +574,7 @@ class KTMoE(nn.Module):
         for k, key in keys.items():
             t = state_dict[key].detach().cpu().contiguous()
             arrays[k] = _np_view(t)
-        E, r = spec.expert_num, spec.lora.rank
+        E, r = (spec.expert_num if expert_num is None else expert_num), spec.lora.rank
         if config is not None:
             # PEFT's tensors are [E' * r', in] and [out, r' * E']: with the adapter's rank r' from
             # its config, a different expert count E' shows as such, not as a rank mismatch.
@@ -570,7 +597,10 @@ class KTMoE(nn.Module):
                         f"{prefix}.{param}: the adapter's scaling is {got:g} (rank {rank}), this "
                         f"KTMoE's spec has lora scale {spec.lora.scale:g} (rank {r}, alpha "
                         f"{spec.lora.alpha:g}, use_rslora {spec.lora.use_rslora})")
-        self.load_lora(adapters.from_peft(arrays, E, r))
+        lora = adapters.from_peft(arrays, E, r)
+        if experts is not None:
+            lora = {n: a[experts.start:experts.stop] for n, a in lora.items()}
+        self.load_lora(lora)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -585,10 +615,12 @@ class KTMoE(nn.Module):
 
 # ---- adapters on disk ----
 
-def _ktmoe_layers(model: nn.Module, prefix: str) -> list[tuple[str, KTMoE]]:
+def _ktmoe_layers(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every KTMoE and ExpertParallelMoE (not the KTMoE inside one)."""
     layers = []
+    inner = {id(m.local) for m in model.modules() if isinstance(m, ExpertParallelMoE)}
     for name, module in model.named_modules():
-        if isinstance(module, KTMoE):
+        if isinstance(module, (KTMoE, ExpertParallelMoE)) and id(module) not in inner:
             path = ".".join(p for p in (prefix, name) if p)
             if not path:
                 raise ValueError("prefix: a bare KTMoE needs the experts module's path in the base "
@@ -614,11 +646,13 @@ def save_adapter(model: nn.Module, save_directory, *, prefix: str = "",
     if len(specs) != 1:
         raise ValueError(f"model: the KTMoE layers differ in LoRA rank/alpha/rsLoRA ({sorted(specs)}); "
                          f"one adapter_config.json describes them all")
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in layers:
-        tensors.update(layer.peft_state_dict(path))
+        tensors.update(layer.peft_state_dict(path))   # an ExpertParallelMoE gathers on its rank 0
+    out = Path(save_directory)
+    if any(isinstance(m, ExpertParallelMoE) and m.rank != 0 for _, m in layers):
+        return out   # rank 0 writes the whole adapter
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / adapters.WEIGHTS_NAME), metadata={"format": "pt"})
     config = adapters.peft_config(layers[0][1].spec.lora, [p for p, _ in layers], base_model_name_or_path)
     (out / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -1172,3 +1206,6 @@ def patch_model(model: nn.Module, *, quant=None, lora=None, max_len: int = 4096,
                          lora_parameters=lora_count)
     logger.info("%s", report)
     return report
+
+
+from .torch_parallel import ExpertParallelMoE, expert_range  # noqa: E402 - it builds on KTMoE

@@ -1,0 +1,60 @@
+"""One rank of a distributed test (tests/test_distributed.py runs it in N processes):
+
+    python tests/dist_worker.py SCENARIO RANK WORLD PORT OUT_DIR
+
+Scenarios: ddp, fsdp (KTMoE under DistributedDataParallel / fully_shard, a share of the batch
+each) and ep (ExpertParallelMoE). Each rank saves what it computed to OUT_DIR/rank<R>.pt; the
+test compares with one process over the whole batch (dist_case gives both sides the same
+layer and data)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ktgen
+from ktgen.torch import ExpertParallelMoE, KTMoE, save_adapter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_case import SPEC, batch, layer_tensors, shares  # noqa: E402
+
+
+def main(scenario: str, rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    gate, up, down, lora = layer_tensors()
+    x, ids, w, g = batch(scenario, world)
+    sl = shares(scenario, world)[rank]
+    x, ids, w, g = x[sl].clone().requires_grad_(True), ids[sl], w[sl].clone().requires_grad_(True), g[sl]
+    result = {}
+    if scenario == "ep":
+        layer = ExpertParallelMoE(SPEC, gate, up, down, lora)
+        inner = layer.local
+    else:
+        layer = inner = KTMoE(SPEC.replace(threads=1), gate, up, down, lora)
+        if scenario == "ddp":
+            layer = torch.nn.parallel.DistributedDataParallel(layer)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            layer = fully_shard(layer)
+    out_t = layer(x, ids, w)
+    # DDP and FSDP average the ranks' gradients: the loss of each rank is its share of the sum.
+    loss = (out_t.float() * g).sum() * (world if scenario != "ep" else 1)
+    loss.backward()
+    grads = {}
+    for n in ktgen.LORA_NAMES:
+        grad = getattr(inner, n).grad
+        grads[n] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+    result.update(out=out_t.detach(), x_grad=x.grad, w_grad=w.grad, lora_grads=grads)
+    if scenario == "ep":
+        result["experts"] = (layer.experts.start, layer.experts.stop)
+        save_adapter(torch.nn.ModuleDict({"experts": layer}), os.path.join(out, "adapter"), prefix="model.mlp")
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
