@@ -106,7 +106,11 @@ class PackedFile:
         self.params = {k: int(v) for k, v in fields.items() if k != "mode"}
         self.params["mode"] = fields["mode"]
 
-    def views(self, partition: int) -> list[np.ndarray | None]:
+    def views(self, partition: int, experts: range | None = None) -> list[np.ndarray | None]:
+        """experts: only those experts' part of each buffer (a contiguous run: the buffers hold
+        the experts in order), from its start to the end of the buffer (the padding the kernels
+        may read past their last panel is the next expert's data, or the buffer's own)."""
+        per = json.loads(self.metadata["expert_bytes"])[partition] if experts is not None else None
         out = []
         for i in range(12):
             t = self._header.get(buffer_name(partition, i))
@@ -114,6 +118,8 @@ class PackedFile:
                 out.append(None)
                 continue
             b, e = t["data_offsets"]
+            if experts is not None:
+                b += experts.start * per[i]
             out.append(self._map[self._data_start + b: self._data_start + e])
         return out
 
@@ -123,13 +129,21 @@ class PackedFile:
         p = self.params
         return unpack([self.views(t) for t in range(p["tp_count"])], p)
 
-    def check_spec(self, spec: MoESpec | None) -> MoESpec:
-        """`spec`, or the file's own; a given one must describe the same weights."""
+    def check_spec(self, spec: MoESpec | None, experts: range | None = None) -> MoESpec:
+        """`spec`, or the file's own; a given one must describe the same weights (with
+        `experts`: those experts of the file's layer)."""
+        mine = self.spec
+        if experts is not None:
+            if not (0 <= experts.start < experts.stop <= mine.expert_num) or experts.step != 1:
+                raise PackedFileError(f"experts: {experts} is not a run of the {mine.expert_num} experts "
+                                      f"of {self.path}")
+            mine = mine.replace(expert_num=len(experts),
+                                num_experts_per_tok=min(mine.num_experts_per_tok, len(experts)))
         if spec is None:
-            return self.spec
+            return mine
         if not isinstance(spec, MoESpec):
             raise TypeError(f"spec: expected a ktgen.MoESpec, got {type(spec).__name__}")
-        mine, theirs = self.spec, spec
+        theirs = spec
         pairs = {"expert_num": (mine.expert_num, theirs.expert_num),
                  "hidden_size": (mine.hidden_size, theirs.hidden_size),
                  "intermediate_size": (mine.intermediate_size, theirs.intermediate_size),
@@ -185,6 +199,12 @@ def unpack(parts: list[list], params: dict) -> tuple:
     return tuple(out)
 
 
-def metadata(spec: MoESpec, layout: str, tier: str) -> dict[str, str]:
+def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]]) -> dict[str, str]:
+    """The file's metadata; expert_bytes: per partition, each buffer's bytes per expert."""
     return {"format": FORMAT, "version": VERSION, "layout": layout, "spec": spec.model_dump_json(),
-            "tier": tier, "ktgen": __version__}
+            "tier": tier, "expert_bytes": json.dumps(expert_bytes), "ktgen": __version__}
+
+
+def layout_for(layout: str, experts: int) -> str:
+    """The layout string of a layer of `experts` experts with the same packing."""
+    return " ".join(f"E={experts}" if item.startswith("E=") else item for item in layout.split())

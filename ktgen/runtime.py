@@ -182,21 +182,22 @@ class MoE:
 
     @classmethod
     def from_packed(cls, path, spec: MoESpec | None = None, *, lora: LoRAWeights | None = None,
-                    isa: str | Target | None = None) -> "MoE":
+                    isa: str | Target | None = None, experts: range | None = None) -> "MoE":
         """A layer whose base weights come from a packed weight file (MoE.save_packed, `ktgen
         pack`). When this tier's packed layout is the file's, the kernels compute straight from a
         read-only mapping of it: no copy, and the processes of one host share its pages.
         Otherwise the weights are unpacked exactly and packed for this tier, which is logged.
         spec: the file's own (default), or one with other runtime fields (lora, max_len, tp_count,
-        threads, ...) for the same weights."""
+        threads, ...) for the same weights. experts: a run of the file's experts, the only ones
+        this layer holds (expert parallelism: spec.expert_num is then their count)."""
         f = packed.PackedFile(path)
-        spec = f.check_spec(spec)
+        spec = f.check_spec(spec, experts)
         self = cls.__new__(cls)
         self._start(spec, isa)
         layout = self.packed_layout
-        if layout == f.layout:
+        if layout == packed.layout_for(f.layout, spec.expert_num):
             for p, part in enumerate(self._parts):
-                ptrs = [self.kernel.ffi.NULL if v is None else self._ptr(v, "void *") for v in f.views(p)]
+                ptrs = [self.kernel.ffi.NULL if v is None else self._ptr(v, "void *") for v in f.views(p, experts)]
                 self._call("attach_packed", part, ptrs)
             self._mapped = f   # the kernels read its pages: kept as long as they are
         else:
@@ -205,6 +206,9 @@ class MoE:
                            f.tier, self.kernel.isa, layout)
             gate, up, down = f.unpack()
             f.close()
+            if experts is not None:
+                gate, up, down = (w[experts.start:experts.stop] if isinstance(w, np.ndarray)
+                                  else w.expert_slice(experts.start, experts.stop) for w in (gate, up, down))
             self._load({"gate": gate, "up": up, "down": down})
         self._finish(lora)
         return self
@@ -466,29 +470,31 @@ class MoE:
         """Whether the base weights are a read-only mapping of a packed file (from_packed)."""
         return self._mapped is not None
 
-    def _packed_views(self) -> list[list[tuple[object, int]]]:
-        """Per partition, the 12 (pointer, bytes) buffers of the packed weights."""
+    def _packed_views(self) -> list[list[tuple[object, int, int]]]:
+        """Per partition, the 12 (pointer, bytes, bytes per expert) buffers of the packed weights."""
         ffi = self.kernel.ffi
         out = []
         for part in self._parts:
-            ptrs, sizes = ffi.new("const void *[12]"), ffi.new("int64_t[12]")
-            self._call("packed_buffers", part, ptrs, sizes)
-            out.append([(ptrs[i], int(sizes[i])) for i in range(12)])
+            ptrs, sizes, per = ffi.new("const void *[12]"), ffi.new("int64_t[12]"), ffi.new("int64_t[12]")
+            self._call("packed_buffers", part, ptrs, sizes, per)
+            out.append([(ptrs[i], int(sizes[i]), int(per[i])) for i in range(12)])
         return out
 
     def save_packed(self, path) -> None:
         """Write the base weights, as the kernels hold them, to a packed weight file
         (docs/design.md#packed-weight-files) that MoE.from_packed maps."""
+        views = self._packed_views()
         buffers = [(packed.buffer_name(p, i), ptr, n)
-                   for p, bufs in enumerate(self._packed_views()) for i, (ptr, n) in enumerate(bufs) if n]
-        packed.write(path, buffers, packed.metadata(self.spec, self.packed_layout, self.kernel.isa))
+                   for p, bufs in enumerate(views) for i, (ptr, n, _) in enumerate(bufs) if n]
+        per_expert = [[pe for _, _, pe in bufs] for bufs in views]
+        packed.write(path, buffers, packed.metadata(self.spec, self.packed_layout, self.kernel.isa, per_expert))
 
     def base_weights(self) -> tuple:
         """gate, up [E, I, H] and down [E, H, I] exactly as the kernels compute with them, in
         docs/design.md#base-weight-formats: bf16 arrays, or QuantizedWeights (a copy; what
         MoE(spec, *moe.base_weights()) rebuilds the same layer from, on any tier)."""
         ffi = self.kernel.ffi
-        parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n in bufs]
+        parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n, _ in bufs]
                  for bufs in self._packed_views()]
         fields = dict(item.split("=", 1) for item in self.packed_layout.split()[2:])
         params = {k: (v if k == "mode" else int(v)) for k, v in fields.items()}

@@ -290,8 +290,10 @@ def _hf_load_state_dict_pre_hook(module: "KTMoE", state_dict, prefix, local_meta
 
 @dataclass(frozen=True)
 class _PackedFile:
-    """KTMoE's base weights given as a packed weight file (KTMoE.from_packed)."""
+    """KTMoE's base weights given as a packed weight file (KTMoE.from_packed), or some of its
+    experts (ExpertParallelMoE.from_packed)."""
     path: Path
+    experts: range | None = None
 
 
 class KTMoE(nn.Module):
@@ -324,7 +326,8 @@ class KTMoE(nn.Module):
         elif lora is not None:
             raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null), but LoRA weights were given")
         if isinstance(gate, _PackedFile):
-            self.moe = MoE.from_packed(gate.path, spec, lora=self._lora_views() if spec.lora else None)
+            self.moe = MoE.from_packed(gate.path, spec, lora=self._lora_views() if spec.lora else None,
+                                       experts=gate.experts)
         else:
             weights = [_base_weight(n, w) for n, w in (("gate", gate), ("up", up), ("down", down))]
             self.moe = MoE(spec, *weights, self._lora_views() if spec.lora is not None else None)

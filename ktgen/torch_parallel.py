@@ -19,6 +19,7 @@ stay with the owner. Collectives are those of torch.distributed, on the group's 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -93,7 +94,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, spec, gate, up, down, lora=None, *, group=None,
                  generator: torch.Generator | None = None):
         super().__init__()
-        from .torch import KTMoE
+        from .torch import KTMoE, _PackedFile
 
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE: torch.distributed is not initialized "
@@ -118,8 +119,24 @@ class ExpertParallelMoE(nn.Module):
         if lora is not None:
             items = lora.arrays() if isinstance(lora, LoRAWeights) else [lora[n] for n in LORA_NAMES]
             lora = {n: _local(a, self.experts, E, f"lora.{n}") for n, a in zip(LORA_NAMES, items)}
-        weights = [_local(w, self.experts, E, n) for n, w in (("gate", gate), ("up", up), ("down", down))]
+        if isinstance(gate, _PackedFile):
+            weights = [_PackedFile(gate.path, self.experts), None, None]
+        else:
+            weights = [_local(w, self.experts, E, n) for n, w in (("gate", gate), ("up", up), ("down", down))]
         self.local = KTMoE(local_spec, *weights, lora, generator=generator)
+
+    @classmethod
+    def from_packed(cls, path, spec=None, lora=None, *, group=None,
+                    generator: torch.Generator | None = None) -> "ExpertParallelMoE":
+        """Each rank maps its own experts' part of one packed weight file of the whole layer
+        (`ktgen pack`, MoE.save_packed): the ranks of a host share the file's pages, and each
+        reads only its experts'. spec: the file's (default) or another for the same weights."""
+        from .packed import PackedFile
+        from .torch import _PackedFile
+        if isinstance(spec, str):
+            spec = load_spec(spec)
+        spec = PackedFile(path).check_spec(spec)
+        return cls(spec, _PackedFile(Path(path)), None, None, lora, group=group, generator=generator)
 
     def extra_repr(self) -> str:
         return (f"spec={self.spec.name}, experts {self.experts.start}..{self.experts.stop - 1} of "

@@ -3,7 +3,8 @@
     python tests/dist_worker.py SCENARIO RANK WORLD PORT OUT_DIR
 
 Scenarios: ddp, fsdp (KTMoE under DistributedDataParallel / fully_shard, a share of the batch
-each) and ep (ExpertParallelMoE). Each rank saves what it computed to OUT_DIR/rank<R>.pt; the
+each), ep (ExpertParallelMoE) and ep_packed (the same, each rank mapping its experts from
+OUT_DIR/layer.safetensors). Each rank saves what it computed to OUT_DIR/rank<R>.pt; the
 test compares with one process over the whole batch (dist_case gives both sides the same
 layer and data)."""
 
@@ -26,13 +27,18 @@ def main(scenario: str, rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     gate, up, down, lora = layer_tensors()
-    x, ids, w, g = batch(scenario, world)
-    sl = shares(scenario, world)[rank]
+    case = "ep" if scenario.startswith("ep") else scenario
+    x, ids, w, g = batch(case, world)
+    sl = shares(case, world)[rank]
     x, ids, w, g = x[sl].clone().requires_grad_(True), ids[sl], w[sl].clone().requires_grad_(True), g[sl]
     result = {}
     if scenario == "ep":
         layer = ExpertParallelMoE(SPEC, gate, up, down, lora)
         inner = layer.local
+    elif scenario == "ep_packed":   # this rank's experts mapped from the whole layer's file
+        layer = ExpertParallelMoE.from_packed(os.path.join(out, "layer.safetensors"), SPEC, lora)
+        inner = layer.local
+        result["mapped"] = inner.moe.mapped
     else:
         layer = inner = KTMoE(SPEC.replace(threads=1), gate, up, down, lora)
         if scenario == "ddp":
@@ -42,14 +48,14 @@ def main(scenario: str, rank: int, world: int, port: int, out: str) -> None:
             layer = fully_shard(layer)
     out_t = layer(x, ids, w)
     # DDP and FSDP average the ranks' gradients: the loss of each rank is its share of the sum.
-    loss = (out_t.float() * g).sum() * (world if scenario != "ep" else 1)
+    loss = (out_t.float() * g).sum() * (1 if scenario.startswith("ep") else world)
     loss.backward()
     grads = {}
     for n in ktgen.LORA_NAMES:
         grad = getattr(inner, n).grad
         grads[n] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
     result.update(out=out_t.detach(), x_grad=x.grad, w_grad=w.grad, lora_grads=grads)
-    if scenario == "ep":
+    if scenario.startswith("ep"):
         result["experts"] = (layer.experts.start, layer.experts.stop)
         save_adapter(torch.nn.ModuleDict({"experts": layer}), os.path.join(out, "adapter"), prefix="model.mlp")
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))

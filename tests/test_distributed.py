@@ -4,6 +4,7 @@ ExpertParallelMoE over 2 and 3 ranks, each rank a process of its own on gloo ove
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -110,6 +111,18 @@ def test_expert_parallel_equals_one_process_over_all_experts(tmp_path, world):
         assert torch.equal(saved[key], want[key]), key
 
 
+def test_expert_parallel_ranks_map_their_experts_from_one_packed_file(tmp_path):
+    gate, up, down, lora = layer_tensors()
+    KTMoE(SPEC, gate, up, down, lora).moe.save_packed(tmp_path / "layer.safetensors")
+    ranks = run_ranks("ep_packed", 2, tmp_path)
+    direct = run_ranks("ep", 2, tmp_path / "direct" if (tmp_path / "direct").mkdir() is None else None)
+    for a, b in zip(ranks, direct):
+        assert a["mapped"]
+        assert torch.equal(a["out"], b["out"]) and torch.equal(a["x_grad"], b["x_grad"])
+        for n in ktgen.LORA_NAMES:
+            assert torch.equal(a["lora_grads"][n], b["lora_grads"][n]), n
+
+
 def test_expert_range_is_contiguous_and_even():
     for E in (1, 5, 6, 128):
         for world in range(1, min(E, 7) + 1):
@@ -137,3 +150,31 @@ def test_threads_are_shared_among_a_hosts_processes(monkeypatch):
     assert default_threads(1) == usable_cores()
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert np.all([default_threads(tp) == max(1, usable_cores() // tp) for tp in (1, 2)])
+
+
+def test_processes_share_one_copy_of_a_packed_file(tmp_path):
+    """benchmarks/distributed.py rss with 2 processes: each maps the file and reads every expert;
+    what each holds privately is under 10% of the packed weights (the rest is the shared file)."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "distributed.py"
+    out = Path(tmp_path) / "rss.json"
+    subprocess.run([sys.executable, str(bench), "rss", "--procs", "2", "--experts", "64", "--hidden", "1024",
+                    "--inter", "512", "--json", str(out)], check=True, timeout=300, capture_output=True)
+    result = json.loads(out.read_text())
+    packed = result["packed_bytes"]
+    for r in result["runs"]["2"]:
+        assert r["mapped"]
+        assert r["Private_Clean"] + r["Private_Dirty"] < 0.1 * packed, r
+        assert r["Shared_Clean"] + r["Shared_Dirty"] > 0.9 * packed, r
+
+
+def test_train_ddp_example_runs_under_torchrun(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_ddp.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(example), "--steps", "20", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "experts mapped from the packed files: True" in run.stdout
+    losses = [float(line.split("loss ")[1].split()[0]) for line in run.stdout.splitlines() if "loss" in line]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 0.1, losses
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "packed" / "ktgen-pack.json").exists()

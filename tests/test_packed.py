@@ -90,7 +90,7 @@ def test_mapped_weights_are_the_file_pages_not_a_copy(tmp_path):
     mapping = got._mapped._map
     lo = mapping.ctypes.data
     for bufs in got._packed_views():
-        for ptr, n in bufs:
+        for ptr, n, _ in bufs:
             if n:
                 addr = int(got.kernel.ffi.cast("uintptr_t", ptr))
                 assert lo <= addr and addr + n <= lo + mapping.size
@@ -113,7 +113,7 @@ def test_packed_file_is_a_safetensors_file(tmp_path):
     assert len(tensors) == 2 * 9   # awq: payload, scales and zeros of three projections, per partition
     for name, arr in tensors.items():
         p, i = names[name]
-        ptr, n = views[p][i]
+        ptr, n, _ = views[p][i]
         assert arr.dtype == np.uint8 and arr.size == n
         assert np.array_equal(arr, np.frombuffer(src.kernel.ffi.buffer(ptr, n), np.uint8))
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
@@ -163,3 +163,26 @@ def test_loading_weights_after_attaching_packs_into_own_storage(tmp_path):
     assert_same_weights(other, got)
     assert np.array_equal(ktgen.MoE.from_packed(path, isa="generic").dequantized("gate"),
                           src.dequantized("gate"))   # the file was not written
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "awq"])
+def test_a_run_of_experts_maps_from_the_whole_layers_file(amx_emulated, tmp_path, mode):
+    """Expert parallelism's view: experts 1..3 of 5 from the file are the layer of those experts
+    (mapped, the int8 payload's padding read from the next expert's data), bit for bit."""
+    spec = amx_spec(mode, True, 1)
+    src, lw = layer(spec)
+    path = tmp_path / "layer.safetensors"
+    src.save_packed(path)
+    for experts in (range(1, 4), range(3, 5), range(0, 1)):
+        sub = spec.replace(expert_num=len(experts), num_experts_per_tok=1)
+        lw_sub = ktgen.LoRAWeights(**{n: np.ascontiguousarray(getattr(lw, n)[experts.start:experts.stop])
+                                      for n in ktgen.LORA_NAMES})
+        got = ktgen.MoE.from_packed(path, sub, lora=lw_sub, experts=experts)
+        assert got.mapped
+        want = ktgen.MoE(sub, *(w[experts.start:experts.stop] if isinstance(w, np.ndarray)
+                                else w.expert_slice(experts.start, experts.stop) for w in src.base_weights()),
+                         lw_sub)
+        assert_same_weights(want, got)
+        assert_same_layer(want, got, sub)
+    with pytest.raises(packed.PackedFileError, match="experts: range"):
+        ktgen.MoE.from_packed(path, experts=range(4, 6))
