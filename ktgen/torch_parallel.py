@@ -86,12 +86,15 @@ class ExpertParallelMoE(nn.Module):
 
     spec: the whole layer's (expert_num = all experts). gate, up, down (and the six LoRA
     matrices in `lora`): this rank's experts only ([E_local, ...], see expert_range), or the
-    whole tensors, sliced here. forward(hidden_states, topk_ids, topk_weights) takes this
-    rank's tokens with global expert ids, as KTMoE does, and every rank of the group must call
-    it (and its backward) together, with any number of tokens, zero included.
+    whole tensors, sliced here; or from_packed(file). forward(hidden_states, topk_ids,
+    topk_weights) takes this rank's tokens with global expert ids, as KTMoE does, and every rank
+    of the group must call it (and its backward) together, with any number of tokens, zero
+    included. max_entries: the most (token, slot) entries this rank's experts take in one
+    forward (default spec.max_len x k x world size: every entry of every rank; the saved
+    forwards are sized by it); more raise naming hidden_states.
     """
 
-    def __init__(self, spec, gate, up, down, lora=None, *, group=None,
+    def __init__(self, spec, gate, up, down, lora=None, *, group=None, max_entries: int | None = None,
                  generator: torch.Generator | None = None):
         super().__init__()
         from .torch import KTMoE, _PackedFile
@@ -113,9 +116,14 @@ class ExpertParallelMoE(nn.Module):
         self.experts = expert_range(E, self.world_size, self.rank)
         self.starts = [expert_range(E, self.world_size, r).start for r in range(self.world_size)]
         k = spec.num_experts_per_tok
-        # One expert per entry; a rank may receive every entry of every rank.
+        # One expert per entry; by default room for every entry of every rank.
+        if max_entries is None:
+            max_entries = spec.max_len * k * self.world_size
+        elif not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries: expected a positive int, got {max_entries!r}")
+        self.max_entries = max_entries
         local_spec = spec.replace(name=f"{spec.name}_ep", expert_num=len(self.experts), num_experts_per_tok=1,
-                                  max_len=spec.max_len * k * self.world_size)
+                                  max_len=max_entries)
         if lora is not None:
             items = lora.arrays() if isinstance(lora, LoRAWeights) else [lora[n] for n in LORA_NAMES]
             lora = {n: _local(a, self.experts, E, f"lora.{n}") for n, a in zip(LORA_NAMES, items)}
@@ -126,7 +134,7 @@ class ExpertParallelMoE(nn.Module):
         self.local = KTMoE(local_spec, *weights, lora, generator=generator)
 
     @classmethod
-    def from_packed(cls, path, spec=None, lora=None, *, group=None,
+    def from_packed(cls, path, spec=None, lora=None, *, group=None, max_entries: int | None = None,
                     generator: torch.Generator | None = None) -> "ExpertParallelMoE":
         """Each rank maps its own experts' part of one packed weight file of the whole layer
         (`ktgen pack`, MoE.save_packed): the ranks of a host share the file's pages, and each
@@ -136,30 +144,49 @@ class ExpertParallelMoE(nn.Module):
         if isinstance(spec, str):
             spec = load_spec(spec)
         spec = PackedFile(path).check_spec(spec)
-        return cls(spec, _PackedFile(Path(path)), None, None, lora, group=group, generator=generator)
+        return cls(spec, _PackedFile(Path(path)), None, None, lora, group=group, max_entries=max_entries,
+                   generator=generator)
 
     def extra_repr(self) -> str:
         return (f"spec={self.spec.name}, experts {self.experts.start}..{self.experts.stop - 1} of "
                 f"{self.spec.expert_num} on rank {self.rank} of {self.world_size}")
 
-    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> torch.Tensor:
+    def _check(self, hidden_states, topk_ids, topk_weights) -> str | None:
+        """What is wrong with this rank's inputs (None: nothing)."""
         spec = self.spec
         H, k, E = spec.hidden_size, spec.num_experts_per_tok, spec.expert_num
         if hidden_states.shape[-1:] != (H,):
-            raise ValueError(f"hidden_states: expected shape [..., {H}], got {tuple(hidden_states.shape)}")
+            return f"hidden_states: expected shape [..., {H}], got {tuple(hidden_states.shape)}"
         lead = tuple(hidden_states.shape[:-1])
         for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if tuple(t.shape) != lead + (k,):
-                raise ValueError(f"{name}: expected shape {lead + (k,)}, got {tuple(t.shape)}")
+                return f"{name}: expected shape {lead + (k,)}, got {tuple(t.shape)}"
         T = math.prod(lead)
         if T > spec.max_len:
-            raise ValueError(f"hidden_states: {T} tokens (T = batch x sequence) exceeds max_len = {spec.max_len}")
+            return f"hidden_states: {T} tokens (T = batch x sequence) exceeds max_len = {spec.max_len}"
+        if T and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= E):
+            bad = int(topk_ids.min()) if int(topk_ids.min()) < -1 else int(topk_ids.max())
+            return f"topk_ids: id {bad} is outside -1 .. {E - 1} (expert_num = {E}; -1 skips a slot)"
+        return None
+
+    def _agree(self, problem: str | None) -> None:
+        """Raise on every rank when any rank has a problem: one that raised alone would leave
+        the others waiting in the next collective."""
+        flag = torch.tensor([problem is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item():
+            raise ValueError(problem or "another rank's inputs were refused (its error names them); "
+                                        "every rank stops this forward")
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        H, k = spec.hidden_size, spec.num_experts_per_tok
+        self._agree(self._check(hidden_states, topk_ids, topk_weights))
+        lead = tuple(hidden_states.shape[:-1])
+        T = math.prod(lead)
         x = hidden_states.reshape(T, H).to(torch.bfloat16)
         ids = topk_ids.reshape(-1).to(torch.int64)
-        if T and (int(ids.min()) < -1 or int(ids.max()) >= E):
-            bad = int(ids.min()) if int(ids.min()) < -1 else int(ids.max())
-            raise ValueError(f"topk_ids: id {bad} is outside -1 .. {E - 1} (expert_num = {E}; -1 skips a slot)")
         w = topk_weights.reshape(-1).to(torch.float32)
 
         slots = (ids >= 0).nonzero().squeeze(1)
@@ -171,6 +198,11 @@ class ExpertParallelMoE(nn.Module):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_l, recv_l = send.tolist(), recv.tolist()
+        if self.max_entries < spec.max_len * k * self.world_size:   # may be exceeded
+            n = sum(recv_l)
+            self._agree(None if n <= self.max_entries else
+                        f"hidden_states: the ranks' tokens give this rank's experts {n} entries, more "
+                        f"than max_entries = {self.max_entries}")
 
         local_ids = (e - torch.tensor(self.starts, dtype=torch.int64)[owner]).to(torch.int32)
         ids_in = torch.empty(sum(recv_l), dtype=torch.int32)

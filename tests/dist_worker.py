@@ -46,6 +46,14 @@ def main(scenario: str, rank: int, world: int, port: int, out: str) -> None:
         else:
             from torch.distributed.fsdp import fully_shard
             layer = fully_shard(layer)
+    if scenario == "ep":   # a bad input on one rank is refused on every rank, no rank left waiting
+        bad = ids.clone()
+        if rank == 0:
+            bad.view(-1)[:1] = SPEC.expert_num
+        try:
+            layer(x, bad, w)
+        except ValueError as err:
+            result["refused"] = str(err)
     out_t = layer(x, ids, w)
     # DDP and FSDP average the ranks' gradients: the loss of each rank is its share of the sum.
     loss = (out_t.float() * g).sum() * (1 if scenario.startswith("ep") else world)

@@ -86,6 +86,9 @@ def test_expert_parallel_equals_one_process_over_all_experts(tmp_path, world):
     ranks = run_ranks("ep", world, tmp_path)
     out, gx, gw, lora, layer = single_process("ep", world)
     for r, (res, sl) in enumerate(zip(ranks, shares("ep", world))):
+        # rank 0 passed an expert id out of range first: refused there, and on every other rank
+        want = "topk_ids: id 6 is outside" if r == 0 else "another rank's inputs were refused"
+        assert res["refused"].startswith(want), res["refused"]
         lo, hi = res["experts"]
         assert (lo, hi) == (expert_range(SPEC.expert_num, world, r).start, expert_range(SPEC.expert_num, world, r).stop)
         n = sl.stop - sl.start
