@@ -3,8 +3,9 @@
     python benchmarks/load_rss.py [--layers 4] [--experts 16] [--hidden 512] [--inter 256] [--json PATH]
 
 Writes a bf16 Qwen3-MoE checkpoint of that shape (random weights) to a temporary directory,
-builds the model empty (accelerate.init_empty_weights), and patches it with
-patch_model(model, checkpoint=DIR), then with checkpoint=<`ktgen pack` output>. For each, it
+builds the model empty (accelerate.init_empty_weights), and patches it (without LoRA, whose
+parameters are not the experts' weights) with patch_model(model, checkpoint=DIR), then with
+checkpoint=<`ktgen pack` output>. For each, it
 reports the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs just
 before, in a fresh process each) next to the packed size of all layers and the bf16 size of
 one layer: the bound ktgen keeps is packed + one layer. Linux only.
@@ -54,7 +55,7 @@ def _child(args) -> None:
         model = transformers.Qwen3MoeForCausalLM(_config(args))
     gc.collect()
     before = _reset_peak()
-    patch_model(model, checkpoint=args.child, progress=False, max_len=64)
+    patch_model(model, checkpoint=args.child, progress=False, lora=False)
     peak = _status("VmHWM") - before
     layers = [m for m in model.modules() if isinstance(m, KTMoE)]
     print(json.dumps({"peak_rss_growth_bytes": peak, "rss_growth_bytes": _status("VmRSS") - before,
@@ -92,11 +93,11 @@ def main(argv=None) -> dict:
         del model
         packed_dir = Path(tmp) / "packed"
         pack(ckpt, packed_dir, progress=False)
-        for name, source in (("warm-up", ckpt), ("checkpoint", ckpt), ("packed", packed_dir)):
+        # `pack` compiled the kernel the children use (the same spec: no LoRA, default max_len)
+        for name, source in (("checkpoint", ckpt), ("packed", packed_dir)):
             run = subprocess.run([sys.executable, __file__, "--child", str(source)] + shape,
                                  capture_output=True, text=True, check=True)
-            if name != "warm-up":   # the first compiles the kernel into the cache
-                result[name] = json.loads(run.stdout.strip().splitlines()[-1])
+            result[name] = json.loads(run.stdout.strip().splitlines()[-1])
     mib = 1 << 20
     print(f"{args.layers} layers of {args.experts} experts, H={args.hidden}, I={args.inter}: "
           f"one layer is {layer_bf16 / mib:.1f} MiB in bf16")

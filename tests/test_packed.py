@@ -60,8 +60,7 @@ def assert_same_layer(a, b, spec):
                                   np.asarray(getattr(gb, name)).view(np.uint8)), name
 
 
-@pytest.mark.parametrize("mode, tp", [("bf16", 1), ("bf16", 2), ("int8", 1), ("int8", 2),
-                                      ("awq", 1), ("k2", 2)])
+@pytest.mark.parametrize("mode, tp", [("bf16", 1), ("int8", 2), ("k2", 1)])
 def test_packed_file_maps_on_its_layout_and_repacks_exactly_on_another(amx_emulated, tmp_path, mode, tp, caplog):
     spec = amx_spec(mode, True, tp)
     path = tmp_path / "layer.safetensors"
@@ -165,7 +164,7 @@ def test_loading_weights_after_attaching_packs_into_own_storage(tmp_path):
                           src.dequantized("gate"))   # the file was not written
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "awq"])
+@pytest.mark.parametrize("mode", ["int8"])   # int8 quads: the payload's padding is read
 def test_a_run_of_experts_maps_from_the_whole_layers_file(amx_emulated, tmp_path, mode):
     """Expert parallelism's view: experts 1..3 of 5 from the file are the layer of those experts
     (mapped, the int8 payload's padding read from the next expert's data), bit for bit."""
