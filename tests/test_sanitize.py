@@ -11,7 +11,8 @@ The script runs, for every tier in RUN_TIERS and the emulated amx tier, each qua
 (with LoRA float32 / bfloat16 / off and tp_count 1 and 2 spread over the modes), a small spec's
 forward, forward_train + backward at awkward routings (T = 0,
 T = max_len, every slot skipped, every token on one expert, duplicate experts in a row,
-two saved forwards given back out of order, an in-place LoRA update) and checks the accuracy limits (docs/design.md#accuracy) against
+two saved forwards given back out of order, an in-place LoRA update, the packed weights saved,
+mapped back and packed again) and checks the accuracy limits (docs/design.md#accuracy) against
 ktgen.reference, printing one `CASE ... OK` line per case. Any out-of-bounds access or UB
 in a kernel aborts the process with an ASan/UBSan report on stderr.
 
@@ -199,6 +200,24 @@ SCRIPT = textwrap.dedent(r'''
             except Exception as exc:
                 failures += 1
                 print(f"CASE {tag} routing=lora_inplace FAIL {type(exc).__name__}: {exc}", flush=True)
+        # packed weights: saved, mapped back, unpacked and packed again (the same kernel)
+        try:
+            import tempfile
+            x, ids, rw, go = inputs(spec, rng, routing("Tmax", spec, rng))
+            want = moe.forward(x, ids, rw).view(np.uint16)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "layer.safetensors")
+                moe.save_packed(path)
+                mapped = ktgen.MoE.from_packed(path, lora=lora)
+                assert mapped.mapped and np.array_equal(mapped.forward(x, ids, rw).view(np.uint16), want)
+                mapped._load(dict(zip(("gate", "up", "down"), moe.base_weights())))   # own storage again
+                assert np.array_equal(mapped.forward(x, ids, rw).view(np.uint16), want)
+                mapped.close()
+                del mapped
+            print(f"CASE {tag} routing=packed T={x.shape[0]} OK", flush=True)
+        except Exception as exc:
+            failures += 1
+            print(f"CASE {tag} routing=packed FAIL {type(exc).__name__}: {exc}", flush=True)
         moe.close()
 
 
@@ -224,7 +243,7 @@ def combos():
 
 
 def expected_lines(tier, mode, lora, tp):
-    names = list(ROUTINGS) + ["two_slots"] + ([] if lora == "none" else ["lora_inplace"])
+    names = list(ROUTINGS) + ["two_slots"] + ([] if lora == "none" else ["lora_inplace"]) + ["packed"]
     return [f"CASE tier={tier} mode={mode} lora={lora} tp={tp} routing={name} " for name in names]
 
 
