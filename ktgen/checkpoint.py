@@ -134,10 +134,6 @@ class Checkpoint:
                 done += n
         return out
 
-    def match(self, module_path: str) -> LayerKeys:
-        """The experts layer of the model's `module_path` (match_prefix)."""
-        return self.layers[match_prefix(module_path, self.layers, self.directory)]
-
     def layer_format(self, keys: LayerKeys) -> str:
         """'bf16' (float weights: bf16, fp16 or fp32), 'awq' or 'k2'."""
         if keys.fused:
@@ -217,15 +213,22 @@ class Checkpoint:
         dn = self._bf16(keys.fused["down_proj"])
         if gu.ndim != 3 or dn.ndim != 3:
             raise CheckpointError(f"checkpoint: {keys.prefix}.experts.gate_up_proj and down_proj must be 3-D")
-        if is_transposed:
-            gu, dn = gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)
-        half = gu.shape[1] // 2
-        g, u = (gu[:, :half], gu[:, half:]) if is_concatenated else (gu[:, 0::2], gu[:, 1::2])
-        ws = [np.ascontiguousarray(w) for w in (g, u, dn)]
+        ws = [np.ascontiguousarray(w) for w in split_fused(gu, dn, is_transposed, is_concatenated)]
         del gu, dn
         if mode == "bf16":
             return tuple(ws)
         return tuple(quant.quantize(w, mode, group_size) for w in ws)
+
+
+def split_fused(gu, dn, is_transposed: bool, is_concatenated: bool) -> tuple:
+    """gate [E,I,H], up [E,I,H], down [E,H,I] (views; NumPy arrays or torch tensors) of transformers'
+    fused gate_up_proj / down_proj."""
+    if is_transposed:  # [E, H, 2I] and [E, I, H]
+        gu, dn = gu.swapaxes(1, 2), dn.swapaxes(1, 2)
+    I2 = gu.shape[1]
+    if is_concatenated:
+        return gu[:, : I2 // 2], gu[:, I2 // 2:], dn
+    return gu[:, 0::2], gu[:, 1::2], dn  # interleaved rows gate0, up0, gate1, up1, ...
 
 
 def trim_heap() -> None:

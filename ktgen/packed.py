@@ -102,9 +102,7 @@ class PackedFile:
             raise PackedFileError(f"{self.path}: truncated or padded ({size} bytes, the header "
                                   f"describes {self._data_start + end})")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
-        fields = dict(item.split("=", 1) for item in self.layout.split()[2:])
-        self.params = {k: int(v) for k, v in fields.items() if k != "mode"}
-        self.params["mode"] = fields["mode"]
+        self.params = layout_params(self.layout)
 
     def views(self, partition: int, experts: range | None = None) -> list[np.ndarray | None]:
         """experts: only those experts' part of each buffer (a contiguous run: the buffers hold
@@ -203,6 +201,12 @@ def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]
     """The file's metadata; expert_bytes: per partition, each buffer's bytes per expert."""
     return {"format": FORMAT, "version": VERSION, "layout": layout, "spec": spec.model_dump_json(),
             "tier": tier, "expert_bytes": json.dumps(expert_bytes), "ktgen": __version__}
+
+
+def layout_params(layout: str) -> dict:
+    """A packed_layout string's fields: mode (str), group_size, pack, E, H, I, tp_count, panel."""
+    fields = dict(item.split("=", 1) for item in layout.split()[2:])
+    return {k: v if k == "mode" else int(v) for k, v in fields.items()}
 
 
 def layout_for(layout: str, experts: int) -> str:

@@ -496,9 +496,7 @@ class MoE:
         ffi = self.kernel.ffi
         parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n, _ in bufs]
                  for bufs in self._packed_views()]
-        fields = dict(item.split("=", 1) for item in self.packed_layout.split()[2:])
-        params = {k: (v if k == "mode" else int(v)) for k, v in fields.items()}
-        return tuple(_copy(w) for w in packed.unpack(parts, params))
+        return tuple(_copy(w) for w in packed.unpack(parts, packed.layout_params(self.packed_layout)))
 
     def dequantized(self, name: str) -> np.ndarray:
         """The base weights the kernels compute with, as float32 (gate/up [E,I,H], down [E,H,I])."""

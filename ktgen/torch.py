@@ -276,7 +276,7 @@ def _hf_load_state_dict_pre_hook(module: "KTMoE", state_dict, prefix, local_meta
     if not all(k in state_dict for k in keys):
         error_msgs.append(f"{prefix}: gate_up_proj and down_proj come together; got only one")
         return
-    g, u, d = _split_hf(state_dict.pop(keys[0]).detach().cpu(), state_dict.pop(keys[1]).detach().cpu(),
+    g, u, d = _checkpoint.split_fused(state_dict.pop(keys[0]).detach().cpu(), state_dict.pop(keys[1]).detach().cpu(),
                         fmt["is_transposed"], fmt["is_concatenated"])
     current = [module.dequantized(n) for n in ("gate", "up", "down")]
     given = [_from_np(_base_weight(n, t)).float() if isinstance(t, torch.Tensor) else t
@@ -861,16 +861,6 @@ def _probe(module, g, u, d, experts_list=None, limit: float | None = None) -> No
                                 f"{scale:g}; a clamp, an overridden gate or another activation)")
 
 
-def _split_hf(gu: torch.Tensor, dn: torch.Tensor, is_transposed: bool, is_concatenated: bool):
-    """gate [E,I,H], up [E,I,H], down [E,H,I] (views) of transformers' gate_up_proj/down_proj."""
-    if is_transposed:  # [E, H, 2I] and [E, I, H]
-        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
-    I2 = gu.shape[1]
-    if is_concatenated:
-        return gu[:, : I2 // 2], gu[:, I2 // 2:], dn
-    return gu[:, 0::2], gu[:, 1::2], dn  # interleaved rows gate0, up0, gate1, up1, ...
-
-
 def _hf_weights(module: nn.Module):
     """(gate [E,I,H], up [E,I,H], down [E,H,I], the experts module, swiglu_limit or None) of an HF
     MoE block or experts module: transformers ≥ 5 fused experts (gate_up_proj/down_proj 3-D
@@ -881,7 +871,7 @@ def _hf_weights(module: nn.Module):
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == 3:
         limit = _swiglu_limit(module)
         _check_fused_experts(module, limit)
-        g, u, dn = _split_hf(gate_up.detach(), down.detach(), getattr(module, "is_transposed", False),
+        g, u, dn = _checkpoint.split_fused(gate_up.detach(), down.detach(), getattr(module, "is_transposed", False),
                              getattr(module, "is_concatenated", True))
         _probe(module, g, u, dn, limit=limit)
         return g, u, dn, module, limit
@@ -924,10 +914,7 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
     its own weights may then be on the meta device (patch_model's checkpoint=).
     """
     gate, up, down, experts, limit = _hf_weights(module)
-    source = None
-    if isinstance(weights, _PackedFile):
-        source = weights
-    elif weights is not None:
+    if weights is not None and not isinstance(weights, _PackedFile):
         gate, up, down = weights
     E, I, H = gate.shape
     if tuple(up.shape) != (E, I, H) or tuple(down.shape) != (E, H, I):
@@ -955,7 +942,7 @@ def from_hf_experts(module: nn.Module, spec: MoESpec | None = None, *, name: str
         if spec.swiglu_limit != limit:
             raise ValueError(f"spec: swiglu_limit = {spec.swiglu_limit!r}, but the module's experts "
                              f"clamp at {limit!r}")
-    layer = KTMoE(spec, gate, up, down) if source is None else KTMoE.from_packed(source.path, spec)
+    layer = KTMoE(spec, weights if isinstance(weights, _PackedFile) else gate, up, down)
     if not isinstance(experts, nn.ModuleList):
         layer._hf_format = {"dtype": experts.gate_up_proj.dtype,
                             "is_transposed": bool(getattr(experts, "is_transposed", False)),
@@ -1065,16 +1052,16 @@ class _ExpertsSource:
 
     def layer(self, module_path: str, quant: dict, experts: nn.Module):
         """(weights for from_hf_experts, the spec's quant fields) of one experts module."""
+        layers = self.pack["layers"] if self.pack is not None else self.hf.layers
+        prefix = _checkpoint.match_prefix(module_path, layers, self.directory)
+        self.renames[module_path.rsplit(".", 1)[0]] = prefix
         if self.pack is not None:
-            prefix = _checkpoint.match_prefix(module_path, self.pack["layers"], self.directory)
-            self.renames[module_path.rsplit(".", 1)[0]] = prefix
-            path = self.directory / self.pack["layers"][prefix]["file"]
+            path = self.directory / layers[prefix]["file"]
             q = _packed.PackedFile(path).spec.quant.model_dump()
             if quant.get("mode", q["mode"]) != q["mode"]:
                 raise ValueError(f"quant: {self.directory} holds {q['mode']} experts, not {quant['mode']}")
             return _PackedFile(path), q
-        keys = self.hf.match(module_path)
-        self.renames[module_path.rsplit(".", 1)[0]] = keys.prefix
+        keys = layers[prefix]
         mode = quant.get("mode") or self.hf.layer_format(keys)
         weights = self.hf.load_layer(keys, mode, group_size=quant.get("group_size"),
                                      is_transposed=bool(getattr(experts, "is_transposed", False)),
@@ -1092,7 +1079,7 @@ class _ExpertsSource:
         if not meta:
             return
         if self.hf is None:
-            raise ValueError(f"model: {len(meta)} tensors ({', '.join(meta[:3])}, ...) are on the meta "
+            raise ValueError(f"model: {len(meta)} tensors ({', '.join(list(meta)[:3])}, ...) are on the meta "
                              f"device, and {self.directory}'s ktgen-pack.json names no checkpoint "
                              f"to read them from")
         state = {}
@@ -1101,8 +1088,7 @@ class _ExpertsSource:
                             if key.startswith(block + ".")]
             found = next((c for c in cand if c in self.hf.tensors), None)
             if found is not None:
-                state[key] = _from_np(self.hf.read(found))
-        state = {k: t.to(meta[k].dtype) for k, t in state.items()}
+                state[key] = _from_np(self.hf.read(found)).to(meta[key].dtype)
         model.load_state_dict(state, strict=False, assign=True)
         if hasattr(model, "tie_weights"):
             model.tie_weights()

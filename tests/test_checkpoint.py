@@ -172,6 +172,13 @@ def test_checkpoint_problems_are_named(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="is not a directory"):
         patch_model(empty(cfg, cls), checkpoint=tmp_path / "nowhere", progress=False)
     assert cli(["pack", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"]) == 2
+    # packed files whose checkpoint is gone: the empty model's other tensors are named
+    assert cli(["pack", str(tmp_path / "ckpt"), str(tmp_path / "packed"), "--quiet"]) == 0
+    index = json.loads((tmp_path / "packed" / checkpoint.PACK_INDEX).read_text())
+    index["checkpoint"] = str(tmp_path / "gone")
+    (tmp_path / "packed" / checkpoint.PACK_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"tensors \(model.embed_tokens.weight, .* names no checkpoint"):
+        patch_model(empty(cfg, cls), checkpoint=tmp_path / "packed", progress=False)
 
 
 def test_loading_holds_the_packed_experts_and_one_layer(tmp_path):
