@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from . import numa, packed, quant
+from .pool import POOL
 from .compiler import Kernel, compile as compile_kernel
 from .render import load_params
 from .spec import LORA_NAMES, MoESpec  # noqa: F401 - LORA_NAMES is part of this module's API
@@ -332,7 +333,7 @@ class MoE:
     def _forward(self, x, expert_ids, routing_weights, slot: int) -> np.ndarray:
         T, ids = self._check_inputs(x, expert_ids, routing_weights)
         H = self.spec.hidden_size
-        partials = [np.empty((T, H), np.float32) for _ in self._parts]
+        partials = [POOL.empty((T, H), np.float32) for _ in self._parts]
         xp, idp = self._ptr(x, "uint16_t *"), self._ptr(ids, "int32_t *")
         rwp = self._ptr(routing_weights, "float *")
 
@@ -350,7 +351,7 @@ class MoE:
         return total
 
     def _to_bf16(self, a: np.ndarray) -> np.ndarray:
-        out = np.empty(a.shape, bfloat16)
+        out = POOL.empty(a.shape, bfloat16)
         self._call("to_bf16", self._parts[0], a.size, self._ptr(a, "float *"), self._ptr(out, "uint16_t *"))
         return out
 
@@ -413,7 +414,7 @@ class MoE:
         T, H, k = saved.tokens, spec.hidden_size, spec.num_experts_per_tok
         check_array("grad_out", grad_out, bfloat16, (T, H))
         tp = len(self._parts)
-        grad_inputs = [np.empty((T, H), np.float32) for _ in range(tp)]
+        grad_inputs = [POOL.empty((T, H), np.float32) for _ in range(tp)]
         grad_routing = [np.empty((T, k), np.float32) for _ in range(tp)]
         lora_grads: dict[str, np.ndarray] = {}
         summed: dict[str, list[np.ndarray]] = {}
@@ -424,10 +425,10 @@ class MoE:
             for name, shape in LoRAWeights.shapes(spec).items():
                 if name in ("gate_a", "up_a", "down_b") and tp > 1:
                     # Each partition contributes to all of it: float32 partials, merged below.
-                    summed[name] = [np.empty(shape, np.float32) for _ in range(tp)]
+                    summed[name] = [POOL.empty(shape, np.float32) for _ in range(tp)]
                 else:
                     # Each partition writes its own slice (or tp == 1 writes it all).
-                    lora_grads[name] = np.empty(shape, dtype)
+                    lora_grads[name] = POOL.empty(shape, dtype)
         gop = self._ptr(grad_out, "uint16_t *")
 
         def run(p, part):
