@@ -18,8 +18,16 @@ from helpers import EMULATED
 
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache(tmp_path_factory):
-    """Every test session compiles into its own cache (KTGEN_TEST_CACHE_DIR reuses one)."""
-    path = os.environ.get("KTGEN_TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("ktgen-cache"))
+    """Every test run compiles into its own cache (KTGEN_TEST_CACHE_DIR reuses one). The workers
+    of a pytest-xdist run (-n) share it: ktgen's file locks let one compile a kernel while the
+    other waits for it, so no kernel is compiled twice."""
+    path = os.environ.get("KTGEN_TEST_CACHE_DIR")
+    if not path:
+        base = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            base = base.parent          # the run's directory, above each worker's own
+        path = str(base / "ktgen-cache")
+        os.makedirs(path, exist_ok=True)
     old = os.environ.get("KTGEN_CACHE_DIR")
     os.environ["KTGEN_CACHE_DIR"] = path
     os.environ.pop("KTGEN_ISA", None)
