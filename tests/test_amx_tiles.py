@@ -152,3 +152,81 @@ def test_emulated_tdpbf16ps_follows_the_measured_arithmetic(tmp_path):
 @pytest.mark.skipif(not NATIVE_AMX, reason="this CPU has no AMX (or the OS refuses tile data)")
 def test_native_tdpbf16ps_follows_the_same_model(tmp_path):
     check(build(tmp_path, emulate=False), np.random.default_rng(2))
+
+
+# ---- tile operands: float32 -> bf16 as VCVTNEPS2BF16 rounds ----
+
+ROUND_HARNESS = r"""
+#include "kernel.c"
+#include <stdio.h>
+/* stdin: lines of 16 float32 bit patterns; stdout per line: the 16 bf16 of v_store_tile_bf16,
+ * the 16 float32 of v_tile_bf16_round, the 32 bf16 of v_store_tile_pairs(a, -a). */
+int main(void) {
+    float a[16], na[16], r[16];
+    uint16_t h[16], pairs[32];
+    for (;;) {
+        for (int l = 0; l < 16; l++) {
+            unsigned u;
+            if (scanf("%x", &u) != 1) return 0;
+            memcpy(&a[l], &u, 4);
+            na[l] = -a[l];
+        }
+        v_store_tile_bf16(h, v_load(a));
+        v_store(r, v_tile_bf16_round(v_load(a)));
+        v_store_tile_pairs(pairs, v_load(a), v_load(na));
+        for (int l = 0; l < 16; l++) printf("%04x ", h[l]);
+        for (int l = 0; l < 16; l++) { unsigned u; memcpy(&u, &r[l], 4); printf("%08x ", u); }
+        for (int l = 0; l < 32; l++) printf("%04x ", pairs[l]);
+        printf("\n");
+    }
+}
+"""
+
+
+def cvtneps2bf16(u: int) -> int:
+    """VCVTNEPS2BF16 (Intel SDM): denormals to signed zero, NaN quieted, else nearest even."""
+    if u & 0x7F800000 == 0:
+        return (u >> 16) & 0x8000
+    if u & 0x7F800000 == 0x7F800000 and u & 0x7FFFFF:
+        return (u >> 16) | 0x40
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def tile_rounding_cases(rng):
+    edge = [0x00000000, 0x80000000, 0x007FFFFF, 0x807FFFFF, 0x007F8000, 0x00000001, 0x00800000,
+            0x7F800000, 0xFF800000, 0x7FC00001, 0x7F800001, 0x3F808000, 0x3F818000, 0x3F80FFFF,
+            0x7F7FFFFF, 0x0080FFFF]
+    rand = rng.integers(0, 2 ** 32, 64, dtype=np.uint64).astype(np.uint32).tolist()
+    return [edge] + [rand[i:i + 16] for i in range(0, 64, 16)]
+
+
+def check_tile_rounding(exe, rng):
+    cases = tile_rounding_cases(rng)
+    res = subprocess.run([exe], input="\n".join(" ".join(f"{u:08x}" for u in c) for c in cases) + "\n",
+                         capture_output=True, text=True, check=True)
+    for case, line in zip(cases, res.stdout.splitlines(), strict=True):
+        words = [int(w, 16) for w in line.split()]
+        want = [cvtneps2bf16(u) for u in case]
+        assert words[:16] == want, [f"{u:08x}" for u in case]
+        assert words[16:32] == [w << 16 for w in want]
+        assert words[32::2] == want and words[33::2] == [cvtneps2bf16(u ^ 0x80000000) for u in case]
+
+
+def test_emulated_tile_operands_round_as_vcvtneps2bf16(tmp_path):
+    """A float32 denormal just below 2^-126 becomes zero, not the smallest normal bf16: what
+    the emulation writes for a tile is what the native build writes."""
+    exe = build_harness(tmp_path, ktgen.Target("amx", emulate=True), ROUND_HARNESS)
+    check_tile_rounding(exe, np.random.default_rng(3))
+
+
+@pytest.mark.skipif(not NATIVE_AMX, reason="this CPU has no AMX (or the OS refuses tile data)")
+def test_native_tile_operands_round_as_vcvtneps2bf16(tmp_path):
+    exe = build_harness(tmp_path, ktgen.Target("amx", emulate=False), ROUND_HARNESS)
+    check_tile_rounding(exe, np.random.default_rng(3))
+
+
+@pytest.mark.skipif(bool(isa.missing_features("avx512")), reason="this CPU has no AVX-512")
+def test_avx512_without_bf16_instructions_rounds_tile_operands_the_same(tmp_path):
+    """The avx512 tier's header, compiled without AVX512_BF16, spells the rounding out."""
+    exe = build_harness(tmp_path, ktgen.Target("avx512"), ROUND_HARNESS)
+    check_tile_rounding(exe, np.random.default_rng(3))
