@@ -175,7 +175,11 @@ def unpack(parts: list[list], params: dict) -> tuple:
                 if mode == "int8":
                     ss.append(s.view(np.float32).reshape(E, rows))
             else:
-                nib = quant._unpack_nibbles(q[: panels * K * P // 2].reshape(panels, K, P // 2))
+                raw = q[: panels * K * P // 2].reshape(panels, K, P // 2)
+                if params.get("split"):   # byte b of a panel row: columns b (low nibble), b + split
+                    nib = np.concatenate([raw & 15, raw >> 4], axis=-1)
+                else:                     # files written before the split: columns 2b, 2b + 1
+                    nib = quant._unpack_nibbles(raw)
                 qs.append(quant._pack_nibbles(nib.transpose(0, 2, 1)).reshape(E, rows, K // 2))
                 sdt = np.float16 if mode == "awq" else quant.bfloat16
                 ss.append(s.view(sdt).reshape(panels, K // G, P).transpose(0, 2, 1).reshape(E, rows, K // G))
@@ -204,7 +208,8 @@ def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]
 
 
 def layout_params(layout: str) -> dict:
-    """A packed_layout string's fields: mode (str), group_size, pack, E, H, I, tp_count, panel."""
+    """A packed_layout string's fields: mode (str), group_size, pack, E, H, I, tp_count, panel,
+    and for int4 split (byte b of a panel row holds columns b and b + split; absent: 2b, 2b + 1)."""
     fields = dict(item.split("=", 1) for item in layout.split()[2:])
     return {k: v if k == "mode" else int(v) for k, v in fields.items()}
 

@@ -119,6 +119,36 @@ def test_packed_file_is_a_safetensors_file(tmp_path):
     assert (8 + n) % packed.ALIGN == 0
 
 
+@pytest.mark.parametrize("mode", ["awq", "k2"])
+def test_int4_files_of_the_earlier_nibble_order_read_back_exactly(tmp_path, mode):
+    """Panels once held columns 2b and 2b + 1 in byte b of a row, and their layout string had no
+    split field; they now hold b and b + 16. A file of the earlier order is repacked, exactly."""
+    spec = amx_spec(mode, True, 2)
+    src, lw, path = saved_layer(tmp_path, spec)
+    assert src.packed_layout.endswith(" split=16")
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    for name, t in header.items():
+        if name.endswith(".q"):
+            b, e = t["data_offsets"]
+            rows = np.frombuffer(data[8 + n + b:8 + n + e], np.uint8).reshape(-1, 16)
+            cols = np.concatenate([rows & 15, rows >> 4], axis=1)   # columns 0..31 of each row
+            data[8 + n + b:8 + n + e] = (cols[:, 0::2] | (cols[:, 1::2] << 4)).astype(np.uint8).tobytes()
+    text = data[8:8 + n].decode()
+    layout = header["__metadata__"]["layout"]
+    assert text.count(json.dumps(layout)) == 1
+    # the same header length: the layout string loses its split field, spaces keep the offsets
+    text = text.replace(json.dumps(layout), json.dumps(layout.replace(" split=16", "")) + " " * 9)
+    data[8:8 + n] = text.encode()
+    earlier = tmp_path / "earlier.safetensors"
+    earlier.write_bytes(bytes(data))
+    got = ktgen.MoE.from_packed(earlier, lora=lw, isa="generic")
+    assert not got.mapped and got.packed_layout == src.packed_layout
+    assert_same_weights(src, got)
+    assert_same_layer(src, got, spec)
+
+
 def test_from_packed_takes_another_spec_of_the_same_weights(tmp_path):
     spec = amx_spec("int8", True, 1)
     src, _, path = saved_layer(tmp_path, spec)
