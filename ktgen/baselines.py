@@ -9,7 +9,10 @@ its own figures:
 - `torch._grouped_mm` (what transformers' ``grouped_mm`` experts run), in bf16 and in fp32,
   forward, and forward+backward attempted (its CPU backward may raise: the error text is kept);
 - the best forward and the best forward+backward among them, named;
-- torch's 2048^3 matmul in fp32 (the compute roof) and in bf16 (reported separately);
+- torch's 2048^3 matmul in fp32 (the compute roof) and in bf16 (reported separately, where the
+  CPU has bf16 arithmetic);
+- before each of these, a probe on a small share of the work: one predicted past a few budgets
+  is skipped and its prediction reported, not run for minutes;
 - a multi-threaded read bandwidth measured in C through cffi and OpenMP (the roof for small T).
 
 The math is that of docs/design.md#the-math (e = -1 slots are skipped)::
@@ -55,6 +58,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from . import isa
 from .runtime import usable_cores
 from .spec import LORA_NAMES
 from .workload import meminfo
@@ -66,6 +70,17 @@ DEFAULT_BUDGET_S = 20.0        # per measurement
 ROOF_N = 2048
 BANDWIDTH_BYTES = 1 << 30      # the read-bandwidth buffer, 1 GiB unless memory is short
 MIN_BANDWIDTH_BYTES = 64 << 20
+# Before a measurement, a probe times one call on 1/PROBE_SHARE of the tokens (the matmul roof:
+# of the matrix side, 1/PROBE_SHARE^3 of the work), twice, the second after first-call
+# effects. Where the probe predicts a call past PROBE_BUDGETS times the budget (bf16 on a CPU
+# without bf16 arithmetic, where one forward+backward took 95 s), the measurement is skipped and
+# the prediction reported instead of spending minutes on a warm-up.
+PROBE_SHARE = 32
+PROBE_BUDGETS = 3.0
+# x86 flags of bf16 arithmetic: without them torch's bf16 matmul converts as it goes (one 2048^3
+# call took 55 s on a 2-core AMD EPYC, 0.3 GFLOP/s, and a 1/8-size probe predicted 13 s), so it
+# is no roof and is not timed.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # measurement keys, in table order
 MEASUREMENTS = (
@@ -413,17 +428,34 @@ def grouped_mm_outputs(spec, x, expert_ids, routing_weights, grad_out, gate, up,
     return outputs("grouped_mm", spec, x, expert_ids, routing_weights, grad_out, gate, up, down, lora, **kw)
 
 
+def _probe(fn_small: Callable[[], Any], scale: float, budget_s: float, what: str) -> dict:
+    """Time fn_small twice (the second call's time counts) and predict a full call as `scale`
+    times it. Returns {small_ms, predicted_s, too_slow: the reason to skip, or None}."""
+    fn_small()
+    t0 = time.perf_counter()
+    fn_small()
+    small_ms = (time.perf_counter() - t0) * 1e3
+    predicted = small_ms / 1e3 * scale
+    why = None
+    if predicted > PROBE_BUDGETS * budget_s:
+        why = (f"{what} took {small_ms / 1e3:.2f} s, so one call would take about {predicted:.0f} s, "
+               f"past {PROBE_BUDGETS:g} x the {budget_s:g} s budget")
+    return {"small_ms": small_ms, "predicted_s": predicted, "too_slow": why}
+
+
 def measure(impl: str, spec, x, expert_ids, routing_weights, grad_out, gate, up, down, lora=None, *,
             dtype: str = "bf16", train: bool = False, repeat: int = DEFAULT_REPEAT, threads: int | None = None,
-            budget_s: float = DEFAULT_BUDGET_S, weights: TorchWeights | None = None) -> dict:
+            budget_s: float = DEFAULT_BUDGET_S, weights: TorchWeights | None = None, probe: bool = True) -> dict:
     """Time one PyTorch implementation of the layer (impl "eager" or "grouped_mm", dtype "bf16" or
     "fp32"), forward only (torch.no_grad) or, with `train`, forward + autograd backward (grads for
     x, the routing weights and the LoRA matrices).
 
     Returns a dict: key, name, impl, dtype, pass ("forward" or "forward+backward"), threads,
-    torch_version, ok, error (the exception text when it raised, else None), and when ok the
+    torch_version, ok, error (the exception text when it raised, else None), probe (`_probe`'s
+    dict, None when no probe ran: `probe` False or fewer than PROBE_SHARE tokens), and when ok the
     `timed` keys (ms, runs_ms, runs, repeat, skipped, budget_s, note) plus gflop, gflops,
-    base_gflop, base_gflops (see `flop_counts`). When not ok, ms and the rates are NaN."""
+    base_gflop, base_gflops (see `flop_counts`). When not ok, ms and the rates are NaN; when the
+    probe predicted a call past PROBE_BUDGETS budgets, nothing else ran and note says so."""
     import torch
     threads = threads or default_threads()
     passname = "forward+backward" if train else "forward"
@@ -434,11 +466,24 @@ def measure(impl: str, spec, x, expert_ids, routing_weights, grad_out, gate, up,
     res = {"key": key, "name": f"{IMPL_NAMES[impl]} {dtype} {passname}", "impl": impl, "dtype": dtype,
            "pass": passname, "threads": threads, "torch_version": torch.__version__,
            "ok": False, "error": None, "ms": float("nan"), "runs_ms": [], "runs": 0, "repeat": repeat,
-           "skipped": repeat, "budget_s": budget_s, "note": "",
+           "skipped": repeat, "budget_s": budget_s, "note": "", "probe": None,
            "gflop": flop / 1e9, "gflops": float("nan"), "base_gflop": base / 1e9, "base_gflops": float("nan")}
     old = _with_threads(threads)
     try:
         W = weights or TorchWeights(gate, up, down, dtype)
+        T = int(np.shape(x)[0])
+        tp = max(1, T // PROBE_SHARE)
+        if probe and T >= 2:
+            small = _Layer(impl, spec, W, x[:tp], expert_ids[:tp], routing_weights[:tp], grad_out[:tp], lora)
+            try:
+                res["probe"] = _probe(small.train if train else small.infer, T / tp, budget_s,
+                                      f"a probe on {tp} of {T} tokens")
+            except Exception:  # noqa: BLE001 - the full call below reports the error
+                res["probe"] = None
+            del small
+            if res["probe"] and res["probe"]["too_slow"]:
+                res["note"] = "skipped: " + res["probe"]["too_slow"]
+                return res
         layer = _Layer(impl, spec, W, x, expert_ids, routing_weights, grad_out, lora)
         fn = layer.train if train else layer.infer
         t0 = time.perf_counter()
@@ -461,23 +506,44 @@ def measure(impl: str, spec, x, expert_ids, routing_weights, grad_out, gate, up,
 # --------------------------------------------------------------------------- roofs
 
 def matmul_roof(threads: int | None = None, dtype: str = "fp32", n: int = ROOF_N, repeat: int = 5,
-                budget_s: float = 10.0) -> dict:
+                budget_s: float = 10.0, probe: bool = True, skip: str | None = None) -> dict:
     """torch's n^3 matmul in fp32 or bf16 with `threads` threads: keys what, dtype, n, threads,
-    torch_version, gflop, gflops and the `timed` keys (ms, runs_ms, ...)."""
+    torch_version, gflop, gflops, probe (as `measure`'s) and the `timed` keys (ms, runs_ms, ...).
+    Not timed, ms and gflops NaN and note "skipped: why", when `skip` gives a reason or when the
+    probe (an (n / 8)^3 matmul) predicts a call past PROBE_BUDGETS budgets."""
     import torch
     threads = threads or default_threads()
+    flop = 2 * n ** 3
+    out = {"what": f"torch {dtype} matmul {n}x{n}x{n}", "dtype": dtype, "n": n, "threads": threads,
+           "torch_version": torch.__version__, "gflop": flop / 1e9, "gflops": float("nan"), "probe": None}
+
+    def skipped(why):
+        return {**out, "ms": float("nan"), "runs_ms": [], "runs": 0, "repeat": repeat, "skipped": repeat,
+                "budget_s": budget_s, "note": "skipped: " + why}
+
+    if skip:
+        return skipped(skip)
     old = _with_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn((n, n), generator=g).to(_torch_dtype(dtype))
-        b = torch.randn((n, n), generator=g).to(_torch_dtype(dtype))
-        c = torch.empty((n, n), dtype=a.dtype)
+
+        def operands(m):
+            a = torch.randn((m, m), generator=g).to(_torch_dtype(dtype))
+            b = torch.randn((m, m), generator=g).to(_torch_dtype(dtype))
+            return a, b, torch.empty((m, m), dtype=a.dtype)
+
+        m = n // 8
+        if probe and m >= 16:
+            a, b, c = operands(m)
+            out["probe"] = _probe(lambda: torch.matmul(a, b, out=c), (n / m) ** 3, budget_s,
+                                  f"a {m}x{m}x{m} probe")
+            if out["probe"]["too_slow"]:
+                return skipped(out["probe"]["too_slow"])
+        a, b, c = operands(n)
         t = timed(lambda: torch.matmul(a, b, out=c), max(1, repeat), budget_s, warmup=1)
     finally:
         torch.set_num_threads(old)
-    flop = 2 * n ** 3
-    return {"what": f"torch {dtype} matmul {n}x{n}x{n}", "dtype": dtype, "n": n, "threads": threads,
-            "torch_version": torch.__version__, "gflop": flop / 1e9, "gflops": _gf(flop, t["ms"]), **t}
+    return {**out, "gflops": _gf(flop, t["ms"]), **t}
 
 
 _BW_SOURCE = r"""
@@ -539,13 +605,12 @@ def _bandwidth_module():
     from filelock import FileLock
 
     from . import compiler as C
-    from . import isa as isa_mod
     from ._version import __version__
     from .settings import settings
 
     cfg = settings()
-    tier, _ = isa_mod.choose("auto")
-    flags = ("-O3", "-std=gnu11", "-fopenmp", "-fPIC") + isa_mod.compile_flags(tier)
+    tier, _ = isa.choose("auto")
+    flags = ("-O3", "-std=gnu11", "-fopenmp", "-fPIC") + isa.compile_flags(tier)
     key = hashlib.sha256(json.dumps({
         "source": _BW_SOURCE, "cdef": _BW_CDEF, "flags": flags, "compiler": C.compiler_identity(cfg.cc),
         "cc": cfg.cc, "build_env": dict(cfg.build_env),
@@ -658,7 +723,8 @@ def run_all(spec, x, expert_ids, routing_weights, grad_out, gate, up, down, lora
       measurements: {key: `measure` dict} for the keys of MEASUREMENTS that ran (the train ones
         only with `train`, the fp32 ones only with `fp32` and enough memory for an fp32 copy of
         the weights; a grouped_mm backward that raises is kept with ok False and its error),
-      skipped: {key: why} for those that did not run,
+      skipped: {key: why} for those that did not run (not requested, not enough memory, or a
+        probe that predicted a call past PROBE_BUDGETS budgets),
       best_forward, best_train: {key, name, ms, gflops, base_gflops} of the fastest ok
         measurement of each pass (None if none),
       roof_fp32, roof_bf16: `matmul_roof` dicts (None without `roof` or torch),
@@ -692,8 +758,12 @@ def run_all(spec, x, expert_ids, routing_weights, grad_out, gate, up, down, lora
             W = TorchWeights(gate, up, down, dtype)
             for key, impl, _, is_train in todo:
                 say(f"{IMPL_NAMES[impl]} {dtype} {'forward+backward' if is_train else 'forward'} ...")
-                res["measurements"][key] = measure(impl, *args, dtype=dtype, train=is_train, repeat=repeat,
-                                                   threads=threads, budget_s=budget_s, weights=W)
+                m = measure(impl, *args, dtype=dtype, train=is_train, repeat=repeat, threads=threads,
+                            budget_s=budget_s, weights=W)
+                if m["probe"] and m["probe"]["too_slow"]:
+                    res["skipped"][key] = m["probe"]["too_slow"]
+                else:
+                    res["measurements"][key] = m
             del W
             gc.collect()
         res["best_forward"] = _best(res["measurements"], False)
@@ -701,7 +771,11 @@ def run_all(spec, x, expert_ids, routing_weights, grad_out, gate, up, down, lora
         if roof:
             say(f"torch fp32 and bf16 {roof_n}^3 matmul ...")
             res["roof_fp32"] = matmul_roof(threads, "fp32", roof_n, repeat=max(3, repeat), budget_s=budget_s)
-            res["roof_bf16"] = matmul_roof(threads, "bf16", roof_n, repeat=max(3, repeat), budget_s=budget_s)
+            no_bf16 = None
+            if not set(BF16_FLAGS) & isa.cpu_flags():
+                no_bf16 = f"this CPU has no bf16 arithmetic ({', '.join(BF16_FLAGS)}), so it is no roof"
+            res["roof_bf16"] = matmul_roof(threads, "bf16", roof_n, repeat=max(3, repeat), budget_s=budget_s,
+                                           skip=no_bf16)
     else:
         for key, *_ in MEASUREMENTS:
             res["skipped"][key] = "PyTorch is not installed"
@@ -729,13 +803,13 @@ def format_table(res: dict, width: int = 46) -> list[str]:
                      + (" (busy machine: timings are noisy)" if busy else ""))
     lines.append(f"  FLOPs: {fl['formula']}")
     lines.append(f"  {'':<{width}}{'ms':>10}{'GFLOP/s':>10}{'base':>8}  runs")
-    for key, *_ in MEASUREMENTS:
+    for key, impl, dtype, is_train in MEASUREMENTS:
         m = res["measurements"].get(key)
+        label = f"{IMPL_NAMES[impl]} {dtype} {'fwd+bwd' if is_train else 'fwd'}"
         if m is None:
             if key in res["skipped"]:
-                lines.append(f"  {key:<{width}}  skipped: {res['skipped'][key]}")
+                lines.append(f"  {label:<{width}}  skipped: {res['skipped'][key]}")
             continue
-        label = f"{IMPL_NAMES[m['impl']]} {m['dtype']} {'fwd+bwd' if m['pass'] != 'forward' else 'fwd'}"
         if not m["ok"]:
             lines.append(f"  {label:<{width}}{'FAILED':>10}  {(m['error'] or '').splitlines()[0][:110]}")
             continue
@@ -748,7 +822,9 @@ def format_table(res: dict, width: int = 46) -> list[str]:
                          f"  = {b['name']}")
     for which in ("roof_fp32", "roof_bf16"):
         r = res[which]
-        if r:
+        if r and not math.isfinite(r["ms"]):
+            lines.append(f"  {r['what']:<{width}}  {r['note']}")
+        elif r:
             lines.append(f"  {r['what'] + (' (the roof)' if which == 'roof_fp32' else ''):<{width}}"
                          f"{r['ms']:>10.2f}{r['gflops']:>10.1f}" + (f"   ({r['note']})" if r["note"] else ""))
     bw = res["bandwidth"]

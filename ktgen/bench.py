@@ -5,6 +5,7 @@ Returns plain dicts (written as --json); ktgen.cli prints them.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -129,7 +130,9 @@ def run(moe: MoE, plan: Plan, weights, lora, inputs, repeat: int, torch: bool = 
         say("  running the PyTorch baselines (eager per-expert loop and torch._grouped_mm, bf16 and fp32) ...")
         base = baselines.run_all(spec, x, ids, rw, grad_out, gate, up, down, lora, repeat=R,
                                  threads=moe.threads, budget_s=torch_budget_s)
-    roof = base["roof_fp32"] or numpy_roof(R)
+    roof = base["roof_fp32"]
+    if not roof or not math.isfinite(roof["gflops"]):   # no torch, or its fp32 matmul was skipped
+        roof = numpy_roof(R)
     res["baselines"] = base
     res["fp32_gemm_roof"] = roof
     kt["forward_vs_roof"] = kt["forward_gflops"] / roof["gflops"]

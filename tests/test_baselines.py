@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ktgen import MoESpec, baselines as B, reference
+from ktgen import MoESpec, baselines as B, isa, reference
 from helpers import LORA_NAMES
 
 try:
@@ -31,9 +31,10 @@ TOL = {"bf16": 2.5e-2, "fp32": 1e-5}
 
 MEASURE_KEYS = {"key", "name", "impl", "dtype", "pass", "threads", "torch_version", "ok", "error", "ms",
                 "runs_ms", "runs", "repeat", "skipped", "budget_s", "note", "gflop", "gflops",
-                "base_gflop", "base_gflops"}
+                "base_gflop", "base_gflops", "probe"}
 TIMED_KEYS = {"ms", "runs_ms", "runs", "repeat", "skipped", "budget_s", "note"}
-ROOF_KEYS = {"what", "dtype", "n", "threads", "torch_version", "gflop", "gflops"} | TIMED_KEYS
+ROOF_KEYS = {"what", "dtype", "n", "threads", "torch_version", "gflop", "gflops", "probe"} | TIMED_KEYS
+PROBE_KEYS = {"small_ms", "predicted_s", "too_slow"}
 BW_KEYS = {"what", "gbs", "median_gbs", "bytes", "threads", "runs_gbs", "runs", "repeat", "skipped",
            "budget_s", "note", "checksum_ok", "flags"}
 RUN_ALL_KEYS = {"torch_version", "threads", "tokens", "load_average", "cores", "flops", "measurements", "skipped",
@@ -172,6 +173,43 @@ def test_measure_keys(layer):
     assert m["ms"] > 0 and m["gflops"] > 0 and m["base_gflops"] < m["gflops"]
     fl = B.flop_counts(layer.spec, layer.ids)
     assert m["gflop"] == pytest.approx(fl["train"] / 1e9)
+    # 16 tokens: the probe ran on 2 and predicted a call well inside the budget
+    assert set(m["probe"]) == PROBE_KEYS and m["probe"]["too_slow"] is None
+    assert 0 < m["probe"]["predicted_s"] < 5
+
+
+@needs_torch
+def test_a_probe_predicting_a_call_past_the_budget_skips_the_measurement(layer, monkeypatch):
+    """As bf16 on a CPU without bf16 arithmetic (a 95 s warm-up): the probe's prediction is
+    reported and nothing else runs."""
+    monkeypatch.setattr(B, "PROBE_BUDGETS", 0.0)     # any prediction is past the budget
+    calls = []
+    real = B._Layer.__init__
+
+    def counting(self, impl, spec, W, x, *args):
+        calls.append(len(x))
+        real(self, impl, spec, W, x, *args)
+
+    monkeypatch.setattr(B._Layer, "__init__", counting)
+    m = B.measure("eager", *layer.args, dtype="fp32", train=True, repeat=2, threads=1, budget_s=5)
+    assert set(m) == MEASURE_KEYS and calls == [1]      # the probe's layer only, on one of the 16 tokens
+    assert not m["ok"] and m["error"] is None and m["runs"] == 0 and math.isnan(m["ms"])
+    assert m["note"].startswith("skipped: a probe on 1 of 16 tokens took") and "past 0 x the 5 s budget" in m["note"]
+    assert m["probe"]["predicted_s"] == pytest.approx(m["probe"]["small_ms"] / 1e3 * 16)
+
+    res = B.run_all(*layer.args, repeat=1, threads=1, budget_s=5, roof_n=256, bandwidth=False)
+    assert res["measurements"] == {} and set(res["skipped"]) == {k for k, *_ in B.MEASUREMENTS}
+    assert res["best_forward"] is None and res["best_train"] is None
+    for dtype in ("fp32", "bf16"):
+        roof = res[f"roof_{dtype}"]
+        assert set(roof) == ROOF_KEYS and math.isnan(roof["gflops"]) and roof["runs"] == 0
+        if dtype == "fp32" or set(B.BF16_FLAGS) & isa.cpu_flags():
+            assert roof["note"].startswith("skipped: a 32x32x32 probe took")
+        else:
+            assert roof["note"].startswith("skipped: this CPU has no bf16 arithmetic")
+    table = "\n".join(B.format_table(res))
+    assert table.count("skipped: a probe on 1 of 16 tokens") == len(B.MEASUREMENTS)
+    assert "torch eager per-expert loop bf16 fwd+bwd" in table and "skipped: a 32x32x32 probe" in table
 
 
 @needs_torch
