@@ -20,13 +20,13 @@ TEMPLATES = Path(__file__).parent / "templates"
 # partial sums. Both fill the register file (16 vector registers for avx2, 32 for avx512) with room
 # for the operands; bc_nr and dot_nr divide the 32 columns of a panel. fill_modes: the quant
 # modes whose forward unpacks a panel's K block inside the first row block's product
-# (bcast_fill) rather than in a pass of its own; on avx2 the int4 and int8 dequantization
-# does not fit the 16 registers beside 6 x 16 accumulators, and spilling costs more than the
-# separate pass (docs/kernels.md, "The avx2 forward").
+# (bcast_fill) rather than in a pass of its own; on avx2 the int4 dequantization does not fit
+# the 16 registers beside 6 x 16 accumulators, and spilling costs more than the separate pass
+# (docs/kernels.md, "The avx2 forward").
 ALL_MODES = ("bf16", "int8", "awq", "k2")
 BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, fill_modes=()),
-    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16",)),
+    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16", "int8")),
     "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
     # avx512bf16: bf16 forward GEMMs on vdpbf16ps, 12 rows x 32 columns; the rest as avx512.
     "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
