@@ -71,10 +71,10 @@ ROOF_N = 2048
 BANDWIDTH_BYTES = 1 << 30      # the read-bandwidth buffer, 1 GiB unless memory is short
 MIN_BANDWIDTH_BYTES = 64 << 20
 # Before a measurement, a probe times one call on 1/PROBE_SHARE of the tokens (the matmul roof:
-# of the matrix side, 1/PROBE_SHARE^3 of the work), twice, the second after first-call
-# effects. Where the probe predicts a call past PROBE_BUDGETS times the budget (bf16 on a CPU
-# without bf16 arithmetic, where one forward+backward took 95 s), the measurement is skipped and
-# the prediction reported instead of spending minutes on a warm-up.
+# an (n/8)^3 matmul), twice, the second after first-call effects. Where the probe predicts a
+# call past PROBE_BUDGETS times the budget (bf16 on a CPU without bf16 arithmetic, where one
+# forward+backward took 95 s), the measurement is skipped and the prediction reported instead
+# of spending minutes on a warm-up.
 PROBE_SHARE = 32
 PROBE_BUDGETS = 3.0
 # x86 flags of bf16 arithmetic: without them torch's bf16 matmul converts as it goes (one 2048^3
@@ -452,7 +452,7 @@ def measure(impl: str, spec, x, expert_ids, routing_weights, grad_out, gate, up,
 
     Returns a dict: key, name, impl, dtype, pass ("forward" or "forward+backward"), threads,
     torch_version, ok, error (the exception text when it raised, else None), probe (`_probe`'s
-    dict, None when no probe ran: `probe` False or fewer than PROBE_SHARE tokens), and when ok the
+    dict, None when no probe ran: `probe` False, fewer than 2 tokens, or the probe raised), and when ok the
     `timed` keys (ms, runs_ms, runs, repeat, skipped, budget_s, note) plus gflop, gflops,
     base_gflop, base_gflops (see `flop_counts`). When not ok, ms and the rates are NaN; when the
     probe predicted a call past PROBE_BUDGETS budgets, nothing else ran and note says so."""
