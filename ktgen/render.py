@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
 import jinja2
 
 from ._version import __version__
-from .spec import MoESpec
+from .spec import MoESpec, QuantSpec
 from .target import Target
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -23,7 +24,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 # (bcast_fill) rather than in a pass of its own; on avx2 the int4 dequantization does not fit
 # the 16 registers beside 6 x 16 accumulators, and spilling costs more than the separate pass
 # (docs/kernels.md, "The avx2 forward").
-ALL_MODES = ("bf16", "int8", "awq", "k2")
+ALL_MODES = get_args(QuantSpec.model_fields["mode"].annotation)   # every quant mode a spec takes
 BLOCKING = {
     "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, fill_modes=()),
     "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16", "int8")),
