@@ -171,13 +171,15 @@ def unpack(parts: list[list], params: dict) -> tuple:
             if mode in ("bf16", "int8"):
                 dt = quant.bfloat16 if mode == "bf16" else np.dtype(np.int8)
                 w = q[: panels * K * P * dt.itemsize].view(dt).reshape(panels, K // pack, P, pack)
+                if params.get("split"):   # avx2 bf16: words of columns (j, j + split) in each half row
+                    w = unsplit(w.reshape(panels, K, P), params["split"])[..., None]
                 qs.append(w.transpose(0, 2, 1, 3).reshape(E, rows, K))
                 if mode == "int8":
                     ss.append(s.view(np.float32).reshape(E, rows))
             else:
                 raw = q[: panels * K * P // 2].reshape(panels, K, P // 2)
                 if params.get("split"):   # byte b of a panel row: columns b (low nibble), b + split
-                    nib = np.concatenate([raw & 15, raw >> 4], axis=-1)
+                    nib = unsplit(np.stack([raw & 15, raw >> 4], axis=-1).reshape(panels, K, P), params["split"])
                 else:                     # files written before the split: columns 2b, 2b + 1
                     nib = quant._unpack_nibbles(raw)
                 qs.append(quant._pack_nibbles(nib.transpose(0, 2, 1)).reshape(E, rows, K // 2))
@@ -201,6 +203,15 @@ def unpack(parts: list[list], params: dict) -> tuple:
     return tuple(out)
 
 
+def unsplit(rows: np.ndarray, split: int) -> np.ndarray:
+    """Panel rows (last axis: P elements as stored) in column order, for a layout whose
+    consecutive groups of 2 split columns store columns j and j + split side by side: element
+    2i + h of a group is column split h + i."""
+    shape = rows.shape
+    grouped = rows.reshape(*shape[:-1], shape[-1] // (2 * split), split, 2)
+    return grouped.swapaxes(-1, -2).reshape(shape)
+
+
 def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]]) -> dict[str, str]:
     """The file's metadata; expert_bytes: per partition, each buffer's bytes per expert."""
     return {"format": FORMAT, "version": VERSION, "layout": layout, "spec": spec.model_dump_json(),
@@ -209,7 +220,8 @@ def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]
 
 def layout_params(layout: str) -> dict:
     """A packed_layout string's fields: mode (str), group_size, pack, E, H, I, tp_count, panel,
-    and for int4 split (byte b of a panel row holds columns b and b + split; absent: 2b, 2b + 1)."""
+    and split where a panel row's columns are stored split (unsplit; int4 files without it hold
+    columns 2b, 2b + 1 in byte b)."""
     fields = dict(item.split("=", 1) for item in layout.split()[2:])
     return {k: v if k == "mode" else int(v) for k, v in fields.items()}
 

@@ -101,6 +101,8 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
     # (int8 quads) for vpdpbusd and TDPBUSD, else plain K-major.
     bf16_pairs = mode == "bf16" and tier in ("amx", "avx512bf16")
     pack = 2 if bf16_pairs else 4 if (mode == "int8" and (tier == "amx" or int8_vnni)) else 1
+    # avx2 bf16 panels: each 16-column half of a row split into words of columns (j, j + 8)
+    bf16_split = 8 if mode == "bf16" and tier == "avx2" else 0
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -118,6 +120,7 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
         # int8 activations in the forward (vpdpbusd or TDPBUSD)
         int8_acts=pack == 4,
         pack=pack,
+        bf16_split=bf16_split,
         # bf16 weights times bf16 activation pairs with vdpbf16ps in the forward GEMMs
         bf16_dp=mode == "bf16" and tier == "avx512bf16",
         int4=mode in ("awq", "k2"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ktgen
-from ktgen import packed
+from ktgen import isa, packed
 
 from helpers import amx_spec, bf16, make_inputs, make_weights
 
@@ -79,6 +79,30 @@ def test_packed_file_maps_on_its_layout_and_repacks_exactly_on_another(amx_emula
             assert_same_layer(src, got, spec)
         else:
             assert_same_layer(ktgen.MoE(spec, *src.base_weights(), lw, isa=reader_isa), got, spec)
+
+
+@pytest.mark.skipif("avx2" not in isa.available_tiers(), reason="the avx2 tier needs a CPU with AVX2")
+def test_avx2_bf16_panels_are_split_and_repack_exactly_on_other_tiers(tmp_path):
+    """avx2 bf16 panels hold columns j and j + 8 of each half row in one 32-bit word (one shift or
+    one mask widens 8 columns); their layout says split=8, and a file of them maps on avx2 and
+    repacks exactly on another tier, as another tier's file does on avx2."""
+    spec = amx_spec("bf16", True, 2)
+    path = tmp_path / "layer.safetensors"
+    for writer_isa, reader_isa in (("avx2", "avx2"), ("avx2", "generic"), ("generic", "avx2")):
+        src, lw = layer(spec, writer_isa)
+        assert src.packed_layout.endswith(" split=8") == (writer_isa == "avx2")
+        src.save_packed(path)
+        got = ktgen.MoE.from_packed(path, lora=lw, isa=reader_isa)
+        assert got.mapped == (writer_isa == reader_isa)
+        assert_same_weights(src, got)
+        assert_same_layer(ktgen.MoE(spec, *src.base_weights(), lw, isa=reader_isa), got, spec)
+
+
+def test_unsplit_puts_split_columns_back_in_order():
+    stored = np.array([0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15])   # words (j, j + 8)
+    assert packed.unsplit(np.concatenate([stored, stored + 16]), 8).tolist() == list(range(32))
+    nibbles = np.array([[b, b + 16] for b in range(16)]).ravel()                  # bytes (b, b + 16)
+    assert packed.unsplit(nibbles, 16).tolist() == list(range(32))
 
 
 def test_mapped_weights_are_the_file_pages_not_a_copy(tmp_path):
