@@ -97,6 +97,29 @@ def test_backward_routings(tier, lora_dtype, kind):
 
 
 @pytest.mark.parametrize("tier", RUN_TIERS)
+@pytest.mark.parametrize("first", [1, 9], ids=["rows1-8", "rows9-16"])
+def test_backward_every_chunk_size(tier, first):
+    """Expert e gets first + e entries, so chunks of 1 to 16 rows meet the kernels: every row
+    count of their row blocks, and on avx2 both sides of its switch from dot products along the
+    panels' rows (at most 8 rows) to blocks of W^T."""
+    spec = awkward_spec("float32", tier)
+    E, k = spec.expert_num, spec.num_experts_per_tok
+    counts = [first + e for e in range(E)]
+    T = -(-sum(counts) // k)
+    ids, load = np.full((T, k), -1, np.int64), np.zeros(T, np.int64)
+    for e, c in enumerate(counts):   # each expert on the c least-loaded tokens, once a token
+        tokens = np.argsort(load, kind="stable")[:c]
+        ids[tokens, load[tokens]] = e
+        load[tokens] += 1
+    assert np.bincount(ids[ids >= 0], minlength=E).tolist() == counts
+    moe, _ = build(spec, seed=3, weight_std=1.0)
+    x, ids, rw = make_inputs(spec, np.random.default_rng(5), T, 1.0, ids=ids)
+    out, grad_out, grads = run_backward(moe, x, ids, rw, seed=4)
+    assert ref.rel_l2(out, expected_forward(moe, x, ids, rw)) <= OUT_TOL
+    assert_grads_close(grads, expected_backward(moe, x, ids, rw, grad_out))
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
 @pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
 def test_backward_all_slots_skipped_is_exactly_zero(tier, lora_dtype):
     spec = awkward_spec(lora_dtype, tier)
