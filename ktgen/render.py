@@ -23,17 +23,16 @@ TEMPLATES = Path(__file__).parent / "templates"
 # modes whose forward unpacks a panel's K block inside the first row block's product
 # (bcast_fill) rather than in a pass of its own; on avx2 the int4 dequantization does not fit
 # the 16 registers beside 6 x 16 accumulators, and spilling costs more than the separate pass
-# (docs/kernels.md, "The avx2 forward"). tdot_rows: the backward's chunks of at most that many
-# rows take the dot form (transposed_dot) instead of building blocks of W^T.
+# (docs/kernels.md, "The avx2 forward").
 ALL_MODES = get_args(QuantSpec.model_fields["mode"].annotation)   # every quant mode a spec takes
 BLOCKING = {
-    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, fill_modes=(), tdot_rows=0),
-    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16", "int8"), tdot_rows=8),
-    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES, tdot_rows=0),
+    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, fill_modes=()),
+    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16", "int8")),
+    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
     # avx512bf16: bf16 forward GEMMs on vdpbf16ps, 12 rows x 32 columns; the rest as avx512.
-    "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES, tdot_rows=0),
+    "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
     # amx: the GEMMs run on tiles; the rest is the avx512 tier's vector code.
-    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES, tdot_rows=0),
+    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
 }
 
 
@@ -154,9 +153,6 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
         load_null_check=" || ".join(f"!{n}" for _, n in load_params(spec.quant.mode)),
         **BLOCKING[tier],
         fill=mode in BLOCKING[tier]["fill_modes"],
-        # the backward's transposed products of chunks of at most tdot_rows rows as dot products
-        # along the panels' rows; not int4, whose dequantization wants each panel's group scales
-        tdot=BLOCKING[tier]["tdot_rows"] if mode in ("bf16", "int8") else 0,
     )
     env = _env()
     api = env.get_template("api.h.j2").render(**ctx)

@@ -100,8 +100,7 @@ def test_backward_routings(tier, lora_dtype, kind):
 @pytest.mark.parametrize("first", [1, 9], ids=["rows1-8", "rows9-16"])
 def test_backward_every_chunk_size(tier, first):
     """Expert e gets first + e entries, so chunks of 1 to 16 rows meet the kernels: every row
-    count of their row blocks, and on avx2 both sides of its switch from dot products along the
-    panels' rows (at most 8 rows) to blocks of W^T."""
+    count of their row blocks (one block or several, near-equal, of at most bc_mr rows)."""
     spec = awkward_spec("float32", tier)
     E, k = spec.expert_num, spec.num_experts_per_tok
     counts = [first + e for e in range(E)]
