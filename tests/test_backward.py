@@ -119,6 +119,28 @@ def test_backward_every_chunk_size(tier, first):
 
 
 @pytest.mark.parametrize("tier", RUN_TIERS)
+def test_a_tokens_outputs_and_gradients_do_not_depend_on_its_batch(tier):
+    """Per token, the forward and the input and routing gradients are the same bits in a batch of
+    24 tokens (9 entries an expert) as in its halves (4 to 5): no kernel may pick its arithmetic
+    by the size of a chunk (docs/design.md; gradient accumulation and data parallelism rely on
+    it)."""
+    spec = awkward_spec("float32", tier)
+    moe, _ = build(spec, seed=6, weight_std=1.0)
+    rng = np.random.default_rng(11)
+    x, ids, rw = make_inputs(spec, rng, 24, 1.0)
+    g = (rng.standard_normal((24, spec.hidden_size)) * 0.1).astype(bf16)
+
+    def run(a, b):
+        out, saved = moe.forward_train(x[a:b], ids[a:b], rw[a:b])
+        grads = moe.backward(saved, g[a:b])
+        return [out.view(np.uint16), grads.input.view(np.uint16), grads.routing_weights.view(np.uint32)]
+
+    whole, halves = run(0, 24), [run(0, 10), run(10, 24)]
+    for name, w, h0, h1 in zip(("out", "grad input", "grad routing"), whole, *halves):
+        assert np.array_equal(w, np.concatenate([h0, h1])), name
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
 @pytest.mark.parametrize("lora_dtype", LORA_KINDS, ids=["lora_f32", "lora_bf16", "no_lora"])
 def test_backward_all_slots_skipped_is_exactly_zero(tier, lora_dtype):
     spec = awkward_spec(lora_dtype, tier)
