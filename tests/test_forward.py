@@ -169,3 +169,22 @@ def test_forward_tp2_matches_tp1(tier):
     out1, out2 = moe1.forward(x, ids, rw), moe2.forward(x, ids, rw)
     assert ref.rel_l2(out2, out1) <= OUT_TOL
     assert ref.rel_l2(out2, expected_forward(moe1, x, ids, rw)) <= OUT_TOL
+
+
+@pytest.mark.parametrize("tier", RUN_TIERS)
+def test_outputs_round_to_bf16_to_nearest_even_on_every_tier(tier):
+    """The float32 -> bf16 rounding of outputs and input gradients (the tier's vector code, a
+    scalar tail) against its definition, bit for bit: ties to even, overflow to inf, denormals,
+    signed zeros and infinities, NaNs kept NaN (quieted, sign kept)."""
+    moe, _ = build(awkward_spec("float32", tier))
+    specials = np.array([0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x00000000, 0x80000000,
+                         0x00000001, 0x00008000, 0x00018000, 0x807FFFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+                         0x7F800000, 0xFF800000, 0x7F800001, 0xFFC00000, 0x7FBFFFFF], np.uint32)
+    rng = np.random.default_rng(3)
+    normal = (rng.standard_normal(986) * 10.0 ** rng.integers(-30, 30, 986)).astype(np.float32)
+    a = np.concatenate([specials.view(np.float32), normal])      # 1003 values: a scalar tail too
+    u = a.view(np.uint32).astype(np.uint64)
+    want = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    want[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    assert np.array_equal(moe._to_bf16(a).view(np.uint16), want)
