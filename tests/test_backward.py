@@ -121,7 +121,7 @@ def test_backward_every_chunk_size(tier, first):
 @pytest.mark.parametrize("tier", RUN_TIERS)
 def test_a_tokens_outputs_and_gradients_do_not_depend_on_its_batch(tier):
     """Per token, the forward and the input and routing gradients are the same bits in a batch of
-    24 tokens (9 entries an expert) as in its halves (4 to 5): no kernel may pick its arithmetic
+    24 tokens (about 9 entries an expert) as in its halves (about 4): no kernel may pick its arithmetic
     by the size of a chunk (docs/design.md; gradient accumulation and data parallelism rely on
     it)."""
     spec = awkward_spec("float32", tier)
