@@ -103,6 +103,9 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
     pack = 2 if bf16_pairs else 4 if (mode == "int8" and (tier == "amx" or int8_vnni)) else 1
     # avx2 bf16 panels: each 16-column half of a row split into words of columns (j, j + 8)
     bf16_split = 8 if mode == "bf16" and tier == "avx2" else 0
+    int4 = mode in ("awq", "k2")
+    # the packed layout's split field: columns j and j + split share a byte (int4) or a word
+    split = 16 if int4 else bf16_split
     lora = spec.lora
     lora_bf16 = bool(lora and lora.dtype == "bfloat16")
     # With several partitions the A-side LoRA gradients are partial sums: keep them float32
@@ -121,11 +124,12 @@ def render(spec: MoESpec, target: Target | str) -> Rendered:
         int8_acts=pack == 4,
         pack=pack,
         bf16_split=bf16_split,
+        split=split,
         # bf16 weights times bf16 activation pairs with vdpbf16ps in the forward GEMMs
         bf16_dp=mode == "bf16" and tier == "avx512bf16",
-        int4=mode in ("awq", "k2"),
+        int4=int4,
         # int4 panels dequantized to bf16 pairs once per work item, for the tiles
-        amx_dequant=tier == "amx" and mode in ("awq", "k2"),
+        amx_dequant=tier == "amx" and int4,
         # the LoRA products on the tiles too: A x as a split-bf16 GEMM, s B (A x) as extra K steps
         lora_tail=lora is not None and tier == "amx" and mode != "int8",
         header_name=f"{spec.name}.h",
