@@ -23,16 +23,18 @@ TEMPLATES = Path(__file__).parent / "templates"
 # modes whose forward unpacks a panel's K block inside the first row block's product
 # (bcast_fill) rather than in a pass of its own; on avx2 the int4 dequantization does not fit
 # the 16 registers beside 6 x 16 accumulators, and spilling costs more than the separate pass
-# (docs/kernels.md, "The avx2 forward").
+# (docs/kernels.md, "The avx2 forward"). wide_mr: blocks of at most this many rows take all 32
+# columns of a panel in one kernel (where bc_nr is less), so that a few rows still have enough
+# independent accumulators to cover the FMA latency.
 ALL_MODES = get_args(QuantSpec.model_fields["mode"].annotation)   # every quant mode a spec takes
 BLOCKING = {
-    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, fill_modes=()),
-    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, fill_modes=("bf16", "int8")),
-    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
+    "generic": dict(dot_mr=4, dot_nr=4, bc_mr=4, bc_nr=8, wide_mr=0, fill_modes=()),
+    "avx2": dict(dot_mr=6, dot_nr=2, bc_mr=6, bc_nr=16, wide_mr=3, fill_modes=("bf16", "int8")),
+    "avx512": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, wide_mr=0, fill_modes=ALL_MODES),
     # avx512bf16: bf16 forward GEMMs on vdpbf16ps, 12 rows x 32 columns; the rest as avx512.
-    "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
+    "avx512bf16": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, wide_mr=0, fill_modes=ALL_MODES),
     # amx: the GEMMs run on tiles; the rest is the avx512 tier's vector code.
-    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, fill_modes=ALL_MODES),
+    "amx": dict(dot_mr=6, dot_nr=4, bc_mr=12, bc_nr=32, wide_mr=0, fill_modes=ALL_MODES),
 }
 
 
