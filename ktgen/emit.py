@@ -67,7 +67,7 @@ def emit(spec: MoESpec, target: Target, out_dir: Path, missing: list[str] | None
     # The target's flags without sanitizers (an emitted library is never sanitized).
     plain = Target(target.tier, target.extensions, target.emulate, target.cc)
     makefile = _env().get_template("Makefile.j2").render(
-        spec_name=spec.name, name=name, tier=target.name, version=__version__,
+        spec_name=spec.name, name=name, target=target.name, version=__version__,
         cflags=" ".join(plain.cflags), ldflags=" ".join(plain.ldflags),
         emit_only=bool(missing), missing=", ".join(missing))
     lora = spec.lora
@@ -98,6 +98,21 @@ def emit(spec: MoESpec, target: Target, out_dir: Path, missing: list[str] | None
         path.write_text(text)
         written.append(path)
     return written
+
+
+def built_target(out_dir: Path) -> str:
+    """The target name (tier and extensions, as Target.name spells it) that the sources in
+    out_dir were emitted for, read from their Makefile; BuildError when it names none."""
+    makefile = Path(out_dir) / "Makefile"
+    try:
+        lines = makefile.read_text().splitlines()
+    except OSError as exc:
+        raise BuildError(f"{makefile}: cannot read it ({exc.strerror})") from None
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "KTGEN_TARGET":
+            return value.strip()
+    raise BuildError(f"{makefile}: names no KTGEN_TARGET (not emitted by this version of ktgen)")
 
 
 def run_make(out_dir: Path, cc: str) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ktgen
-from ktgen import cli
+from ktgen import cli, emit, isa, settings, target
 
 bf16 = ml_dtypes.bfloat16
 
@@ -197,7 +197,8 @@ def _round_trip(tmp_path: Path, spec, build_dir: Path, link: str, T: int, seed: 
 
     # The same inputs through the Python runtime (same spec, same tier, cffi build).
     moe = ktgen.MoE(spec, gate, up, down, lora)
-    assert moe.kernel.isa == _build_tier(build_dir)
+    # what was built and what runs, in one spelling: the target (tier and extensions)
+    assert moe.kernel.target.name == emit.built_target(build_dir)
     out, saved = moe.forward_train(x, ids, rw)
     grads = moe.backward(saved, grad_out)
 
@@ -215,11 +216,6 @@ def _round_trip(tmp_path: Path, spec, build_dir: Path, link: str, T: int, seed: 
     # and the results are not trivially zero
     assert np.abs(out.astype(np.float32)).max() > 0
     assert np.abs(grads.routing_weights).max() > 0
-
-
-def _build_tier(build_dir: Path) -> str:
-    first = (build_dir / "Makefile").read_text().splitlines()[0]
-    return first.split("(")[1].split()[0]
 
 
 def test_tiny_round_trip(tmp_path, capsys):
@@ -251,3 +247,51 @@ def test_lora_less_round_trip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "libnolora_t.so" in out and "libnolora_t.a" in out
     _round_trip(tmp_path, ktgen.load_spec(spec_path), build_dir, "static", T=40, seed=2)
+
+
+# Every spelling of a target: a tier alone, and a tier with the extensions it takes.
+SPELLINGS = ["generic", "avx2", "avx512", "avx512+vnni", "avx512bf16", "avx512bf16+vnni", "amx"]
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_an_emitted_build_names_its_target_as_the_runtime_does(tmp_path, capsys, name):
+    """`ktgen build --isa NAME` records NAME (tier and extensions), and reading it back gives the
+    same Target that compile() uses: one notion of what was built on both sides."""
+    assert cli.main(["build", "tiny", "--isa", name, "-o", str(tmp_path), "--no-make"]) == 0
+    assert f"target {name}:" in capsys.readouterr().out
+    built = emit.built_target(tmp_path)
+    assert built == name
+    tier, exts = target.parse(built)
+    assert target.Target(tier, exts).name == target.for_another_machine(name).name == name
+
+
+# The CPUs this project meets, by the flags that choose a target.
+BASE = {"avx2", "fma", "f16c"}
+AVX512 = BASE | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+CPUS = {
+    "zen3 (avx2 only)": (BASE, "avx2"),
+    "zen4 (avx512 bf16 + vnni)": (AVX512 | {"avx512_bf16", "avx512_vnni"}, "avx512bf16+vnni"),
+    "xeon (avx512 + vnni)": (AVX512 | {"avx512_vnni"}, "avx512+vnni"),
+    "xeon (amx)": (AVX512 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}, "amx"),
+}
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_auto_builds_and_runs_the_same_target_on_each_cpu(tmp_path, monkeypatch, cpu):
+    """On each CPU, the auto target a kernel compiles for is the one an emitted build records."""
+    flags, expected = CPUS[cpu]
+    monkeypatch.setattr(isa, "amx_permission", lambda: True)   # the OS grants tile data there
+    cfg = settings.settings()
+    cfg = type(cfg)(**{**cfg.__dict__, "emulate": frozenset()})
+    chosen = target.for_this_machine("auto", cfg, cpu=frozenset(flags))
+    assert chosen.name == expected
+    emit.emit(ktgen.load_spec("tiny"), chosen, tmp_path)
+    assert emit.built_target(tmp_path) == chosen.name
+
+
+def test_built_target_of_a_directory_without_one_is_a_named_error(tmp_path):
+    with pytest.raises(emit.BuildError, match="Makefile"):
+        emit.built_target(tmp_path)
+    (tmp_path / "Makefile").write_text("all:\n")
+    with pytest.raises(emit.BuildError, match="KTGEN_TARGET"):
+        emit.built_target(tmp_path)
