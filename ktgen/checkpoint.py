@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quant
+from .formats import FORMATS
 
 DTYPES = {"BF16": quant.bfloat16, "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
           "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -312,7 +313,7 @@ def pack(checkpoint_dir, out_dir, *, quant: str | None = None, group_size: int |
         weights = ck.load_layer(keys, mode, group_size=group_size)
         E, I, H = weights[0].shape
         q = {"mode": mode}
-        if mode in ("awq", "k2"):
+        if FORMATS[mode].grouped:
             q["group_size"] = getattr(weights[0], "group_size", None) or group_size
         spec = MoESpec(name=name, expert_num=E, num_experts_per_tok=k, hidden_size=H,
                        intermediate_size=I, quant=q, tp_count=tp_count,

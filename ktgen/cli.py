@@ -26,6 +26,7 @@ from . import target as target_mod
 from ._version import __version__
 from .compiler import CacheError, CompilerError
 from .emit import BuildError
+from .formats import MODES
 from .runtime import usable_cores
 from .workload import ACTIVATION_STD, WEIGHT_STD, fmt_bytes
 
@@ -385,7 +386,7 @@ def _layer_arguments(s: argparse.ArgumentParser, verb: str, qlen: int) -> None:
     s.add_argument("--isa", help=ISA_HELP)
     s.add_argument("--experts", type=_positive, metavar="N",
                    help=f"{verb} N experts at the real shapes (default: all when they fit in memory, else 16)")
-    s.add_argument("--mode", choices=("bf16", "int8", "awq", "k2"),
+    s.add_argument("--mode", choices=MODES,
                    help="override the spec's quant.mode (with that mode's default group size)")
     s.add_argument("--tp", type=_positive, metavar="N", help="override the spec's tp_count")
 
@@ -429,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pack", help="pack a checkpoint's MoE experts for this tier into files that load by mmap")
     s.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a Hugging Face checkpoint directory (safetensors)")
     s.add_argument("out", metavar="OUT_DIR", help="where the packed files and ktgen-pack.json go")
-    s.add_argument("--quant", choices=("bf16", "int8", "awq", "k2"),
+    s.add_argument("--quant", choices=MODES,
                    help="quant mode (default: the checkpoint's own: bf16 for float weights)")
     s.add_argument("--group-size", type=_positive, metavar="G", help="group size when quantizing to awq or k2")
     s.add_argument("--isa", help=ISA_HELP.replace("; default: KTGEN_ISA, else the spec's isa",

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, quant
+from .formats import FORMATS, unsplit  # noqa: F401 - unsplit is read by the tests
 from ._version import __version__
 from .spec import MoESpec
 
@@ -159,57 +160,28 @@ class PackedFile:
 def unpack(parts: list[list], params: dict) -> tuple:
     """The §6 weights of packed buffers (one list of 12 uint8 arrays per partition)."""
     E, H, I_full, tp = params["E"], params["H"], params["I"], params["tp_count"]
-    mode, G, pack, P = params["mode"], params["group_size"], params["pack"], params["panel"]
+    mode, G, pack, split = params["mode"], params["group_size"], params["pack"], params.get("split", 0)
+    fmt = FORMATS[mode]
     I = I_full // tp
     out = []
     for m, name in enumerate(MATRICES):
         rows, K = (I, H) if m < 2 else (H, I)
-        panels = E * (rows // P)
-        qs, ss, zs = [], [], []
-        for bufs in parts:
-            q, s, z = bufs[4 * m], bufs[4 * m + 1], bufs[4 * m + 2]
-            if mode in ("bf16", "int8"):
-                dt = quant.bfloat16 if mode == "bf16" else np.dtype(np.int8)
-                w = q[: panels * K * P * dt.itemsize].view(dt).reshape(panels, K // pack, P, pack)
-                if params.get("split"):   # avx2 bf16: words of columns (j, j + split) in each half row
-                    w = unsplit(w.reshape(panels, K, P), params["split"])[..., None]
-                qs.append(w.transpose(0, 2, 1, 3).reshape(E, rows, K))
-                if mode == "int8":
-                    ss.append(s.view(np.float32).reshape(E, rows))
-            else:
-                raw = q[: panels * K * P // 2].reshape(panels, K, P // 2)
-                if params.get("split"):   # byte b of a panel row: columns b (low nibble), b + split
-                    nib = unsplit(np.stack([raw & 15, raw >> 4], axis=-1).reshape(panels, K, P), params["split"])
-                else:                     # files written before the split: columns 2b, 2b + 1
-                    nib = quant._unpack_nibbles(raw)
-                qs.append(quant._pack_nibbles(nib.transpose(0, 2, 1)).reshape(E, rows, K // 2))
-                sdt = np.float16 if mode == "awq" else quant.bfloat16
-                ss.append(s.view(sdt).reshape(panels, K // G, P).transpose(0, 2, 1).reshape(E, rows, K // G))
-                if mode == "awq":
-                    zs.append(z.reshape(panels, K // G, P).transpose(0, 2, 1).reshape(E, rows, K // G))
+        per_part = [fmt.unpanel(bufs[4 * m: 4 * m + 3], fmt, E, rows, K, G, pack, split) for bufs in parts]
         axis = 1 if m < 2 else 2   # partitions split gate/up rows, down's K
-        q = np.ascontiguousarray(np.concatenate(qs, axis=axis))
         shape = (E, I_full, H) if m < 2 else (E, H, I_full)
-        if mode == "bf16":
-            out.append(q)
-            continue
-        if mode == "int8":   # every partition holds all of a row's scales: down's are the same
-            s = np.ascontiguousarray(np.concatenate(ss, axis=1) if m < 2 else ss[0])
-            out.append(quant.QuantizedWeights(mode, q, s, None, shape, None))
-            continue
-        s = np.ascontiguousarray(np.concatenate(ss, axis=axis))
-        z = np.ascontiguousarray(np.concatenate(zs, axis=axis)) if zs else None
-        out.append(quant.QuantizedWeights(mode, q, s, z, shape, G))
+        arrays = {}
+        for key in per_part[0]:
+            if key == "scales" and not fmt.grouped and m == 2:
+                arrays[key] = np.ascontiguousarray(per_part[0][key])   # per row: every partition holds all of down's
+            else:
+                ax = 1 if key == "scales" and not fmt.grouped else axis
+                arrays[key] = np.ascontiguousarray(np.concatenate([p[key] for p in per_part], axis=ax))
+        if not fmt.arrays:
+            out.append(arrays["q"])
+        else:
+            out.append(quant.QuantizedWeights(mode, arrays["q"], arrays["scales"], arrays.get("zeros"), shape,
+                                              G if fmt.grouped else None))
     return tuple(out)
-
-
-def unsplit(rows: np.ndarray, split: int) -> np.ndarray:
-    """Panel rows (last axis: P elements as stored) in column order, for a layout whose
-    consecutive groups of 2 split columns store columns j and j + split side by side: element
-    2i + h of a group is column split h + i."""
-    shape = rows.shape
-    grouped = rows.reshape(*shape[:-1], shape[-1] // (2 * split), split, 2)
-    return grouped.swapaxes(-1, -2).reshape(shape)
 
 
 def metadata(spec: MoESpec, layout: str, tier: str, expert_bytes: list[list[int]]) -> dict[str, str]:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
-bfloat16 = np.dtype(ml_dtypes.bfloat16)
-MODES = ("int8", "awq", "k2")
+from .formats import FORMATS, bfloat16, pack_nibbles as _pack_nibbles, unpack_nibbles as _unpack_nibbles  # noqa: F401
+
+MODES = tuple(m for m, f in FORMATS.items() if f.arrays)   # the quantized modes
 
 # AutoAWQ's GEMM packing: nibble i of each int32 holds column 8c + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -50,50 +50,36 @@ class QuantizedWeights:
         E, rows, K = self.shape
         if self.mode not in MODES:
             raise QuantError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        fmt = FORMATS[self.mode]
         G = self.group_size
-        if self.mode == "int8":
-            expect = {"q": (np.int8, (E, rows, K)), "scales": (np.float32, (E, rows))}
-        else:
+        if fmt.grouped:
             if G is None or G < 1 or K % G:
                 raise QuantError(f"group_size: {G} does not divide K = {K} of a {self.shape} matrix")
             if K % 2:
                 raise QuantError(f"shape: K = {K} must be even to pack two int4 values a byte")
-            sdtype = np.float16 if self.mode == "awq" else bfloat16
-            expect = {"q": (np.uint8, (E, rows, K // 2)), "scales": (sdtype, (E, rows, K // G))}
-            if self.mode == "awq":
-                expect["zeros"] = (np.uint8, (E, rows, K // G))
-        if self.mode != "awq" and self.zeros is not None:
+        names = {a.name for a in fmt.arrays}
+        if "zeros" not in names and self.zeros is not None:
             raise QuantError(f"zeros: mode {self.mode} has no zeros")
-        for name, (dtype, shape) in expect.items():
-            a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != np.dtype(dtype) or a.shape != shape:
-                got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-                raise QuantError(f"{name}: expected {np.dtype(dtype)} {shape} for a {self.mode} "
-                                 f"{self.shape} matrix (group_size {G}), got {got}")
-            if not a.flags.c_contiguous:
-                raise QuantError(f"{name}: expected a C-contiguous array")
+        for a in fmt.arrays:
+            got, shape = getattr(self, a.name), a.shape(E, rows, K, G)
+            if not isinstance(got, np.ndarray) or got.dtype != a.dtype or got.shape != shape:
+                desc = f"{got.dtype} {got.shape}" if isinstance(got, np.ndarray) else type(got).__name__
+                raise QuantError(f"{a.name}: expected {a.dtype} {shape} for a {self.mode} "
+                                 f"{self.shape} matrix (group_size {G}), got {desc}")
+            if not got.flags.c_contiguous:
+                raise QuantError(f"{a.name}: expected a C-contiguous array")
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.q, self.scales, self.zeros) if a is not None)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {a.name: getattr(self, a.name) for a in FORMATS[self.mode].arrays}
+
     def expert_slice(self, lo: int, hi: int) -> "QuantizedWeights":
         return QuantizedWeights(self.mode, self.q[lo:hi], self.scales[lo:hi],
                                 None if self.zeros is None else self.zeros[lo:hi],
                                 (hi - lo,) + self.shape[1:], self.group_size)
-
-
-def _pack_nibbles(u: np.ndarray) -> np.ndarray:
-    """[..., K] values 0..15 -> [..., K/2] bytes, even k in the low nibble."""
-    u = u.astype(np.uint8)
-    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
-
-
-def _unpack_nibbles(p: np.ndarray) -> np.ndarray:
-    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), np.uint8)
-    out[..., 0::2] = p & 15
-    out[..., 1::2] = p >> 4
-    return out
 
 
 def _as3d(w) -> np.ndarray:
@@ -109,52 +95,20 @@ def quantize(w, mode: str, group_size: int | None = None) -> QuantizedWeights:
     E, rows, K = w.shape
     if mode not in MODES:
         raise QuantError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    if mode != "int8" and (group_size is None or group_size < 1 or K % group_size):
+    fmt = FORMATS[mode]
+    G = group_size if fmt.grouped else None
+    if fmt.grouped and (G is None or G < 1 or K % G):
         raise QuantError(f"group_size: {group_size} does not divide K = {K}")
-    G = group_size
-    if mode == "int8":
-        q = np.empty((E, rows, K), np.int8)
-        scales = np.empty((E, rows), np.float32)
-    else:
-        q = np.empty((E, rows, K // 2), np.uint8)
-        scales = np.empty((E, rows, K // G), np.float16 if mode == "awq" else bfloat16)
-    zeros = np.empty((E, rows, K // G), np.uint8) if mode == "awq" else None
+    out = {a.name: np.empty(a.shape(E, rows, K, G), a.dtype) for a in fmt.arrays}
     for e in range(E):
-        we = np.asarray(w[e], np.float32)
-        if mode == "int8":
-            s = np.abs(we).max(axis=1) / np.float32(127)
-            s[s == 0] = 1
-            q[e] = np.clip(np.rint(we / s[:, None]), -127, 127)
-            scales[e] = s
-            continue
-        wg = we.reshape(rows, K // G, G)
-        if mode == "awq":
-            mx, mn = wg.max(axis=2), wg.min(axis=2)
-            s = (np.maximum(mx - mn, np.float32(1e-5)) / np.float32(15)).astype(np.float16)
-            sf = s.astype(np.float32)
-            z = np.clip(np.rint(-mn / sf), 0, 15)
-            u = np.clip(np.rint(wg / sf[..., None]) + z[..., None], 0, 15)
-            zeros[e] = z
-        else:
-            s = (np.abs(wg).max(axis=2) / np.float32(7)).astype(bfloat16)
-            s[s == 0] = 1
-            sf = s.astype(np.float32)
-            u = np.clip(np.rint(wg / sf[..., None]), -8, 7) + 8
-        scales[e] = s
-        q[e] = _pack_nibbles(u.reshape(rows, K))
-    return QuantizedWeights(mode, q, scales, zeros, (E, rows, K), G)
+        for name, a in fmt.quantize(np.asarray(w[e], np.float32), G).items():
+            out[name][e] = a
+    return QuantizedWeights(mode, out["q"], out["scales"], out.get("zeros"), (E, rows, K), G)
 
 
 def dequantize(qw: QuantizedWeights) -> np.ndarray:
     """float32 [E, rows, K]: exactly the weights the kernels compute with."""
-    E, rows, K = qw.shape
-    if qw.mode == "int8":
-        return qw.q.astype(np.float32) * qw.scales[..., None]
-    G = qw.group_size
-    u = _unpack_nibbles(qw.q).astype(np.int32).reshape(E, rows, K // G, G)
-    z = qw.zeros.astype(np.int32)[..., None] if qw.mode == "awq" else 8
-    s = qw.scales.astype(np.float32)[..., None]
-    return ((u - z).astype(np.float32) * s).reshape(E, rows, K)
+    return FORMATS[qw.mode].dequantize(qw.arrays(), qw.group_size)
 
 
 def stack(parts: list[QuantizedWeights]) -> QuantizedWeights:

@@ -35,11 +35,12 @@ expanded to float64 in memory.
 
 import numpy as np
 
+from .formats import FORMATS
 from .spec import LORA_NAMES
 
 # Accuracy limits on relL2 against this reference (docs/design.md, "Accuracy"): (out, every
 # gradient: input, routing weights and LoRA) per quant mode.
-ACCURACY_LIMITS = {"bf16": (1e-2, 2e-2), "int8": (3e-2, 4e-2), "awq": (3e-2, 4e-2), "k2": (3e-2, 4e-2)}
+ACCURACY_LIMITS = {name: fmt.limits for name, fmt in FORMATS.items()}
 
 
 def limits(mode: str) -> tuple[float, float]:

@@ -25,6 +25,8 @@ from pydantic import (
 from pydantic._internal._model_construction import ModelMetaclass
 from pydantic_core import PydanticCustomError
 
+from .formats import DEFAULT_GROUP_SIZE, MODES
+
 __all__ = [
     "LoRASpec",
     "MoESpec",
@@ -36,9 +38,6 @@ __all__ = [
 ]
 
 SPECS_DIR = Path(__file__).parent / "specs"
-
-# The first group size AWQ checkpoints use and the one Kimi-K2's int4 release uses.
-DEFAULT_GROUP_SIZE = {"awq": 128, "k2": 32}
 
 # The six LoRA matrices, in the order of every C signature and of ktgen.LoRAWeights.
 LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -97,7 +96,7 @@ class _SpecModel(BaseModel, metaclass=_SpecMeta):
 class QuantSpec(_SpecModel):
     """How the frozen base weights are stored (docs/design.md#base-weight-formats)."""
 
-    mode: Literal["bf16", "int8", "awq", "k2"] = "bf16"
+    mode: Literal[MODES] = "bf16"   # one per weight format (ktgen.formats)
     group_size: Annotated[int, Field(ge=1)] | None = Field(default=None, validate_default=True)
 
     @field_validator("group_size")

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import adapters, checkpoint as _checkpoint, packed as _packed
+from . import adapters, checkpoint as _checkpoint, formats as _formats, packed as _packed
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
@@ -1067,7 +1067,7 @@ class _ExpertsSource:
                                      is_transposed=bool(getattr(experts, "is_transposed", False)),
                                      is_concatenated=bool(getattr(experts, "is_concatenated", True)))
         q = {**quant, "mode": mode}
-        if mode in ("awq", "k2"):
+        if _formats.FORMATS[mode].grouped:
             q["group_size"] = weights[0].group_size
         return weights, q
 

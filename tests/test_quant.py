@@ -251,9 +251,10 @@ def test_prequantized_of_another_mode_or_group_is_refused():
 
 def test_int8_forward_uses_vnni_where_the_tier_has_it():
     spec = qspec("int8", None)
-    with_vnni = ktgen.render.render(spec, ktgen.Target("avx512", {"vnni"})).source
-    assert "_mm512_dpbusd_epi32" in with_vnni and "vnni_rows(mr, A + (lo + r0) * lda, lda, w->q" in with_vnni
+    with_vnni = ktgen.render.render(spec, ktgen.Target("avx512", {"vnni"}))
+    assert with_vnni.kernel_set == "vnni" and "_mm512_dpbusd_epi32" in with_vnni.source
+    assert "vnni_rows(rb.mr, A + (lo + rb.r0) * lda, lda, g->w->q" in with_vnni.source
     assert "vnni_rows" not in ktgen.render.render(spec, ktgen.Target("avx512")).source
     assert "vnni_rows" not in ktgen.render.render(qspec("bf16", None), ktgen.Target("avx512", {"vnni"})).source
     # the avx512 emulation has vpdpbusd too, so the VNNI path is what RUN_TIERS' avx512 tests run
-    assert "vnni_rows(mr, A + (lo + r0) * lda, lda, w->q" in ktgen.render.render(spec, ktgen.Target("avx512", emulate=True)).source
+    assert ktgen.render.render(spec, ktgen.Target("avx512", emulate=True)).kernel_set == "vnni"
