@@ -30,6 +30,7 @@ from .target import Target
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 logger = logging.getLogger("ktgen")
+ERR_BUSY, ERR_PACKED_SIZE = 12, 13   # api.h error codes the runtime acts on
 
 
 class CacheFullError(RuntimeError):
@@ -37,7 +38,11 @@ class CacheFullError(RuntimeError):
 
 
 class KernelError(RuntimeError):
-    """A kernel returned an error code."""
+    """A kernel returned an error code (`code`)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -197,9 +202,18 @@ class MoE:
         self._start(spec, isa)
         layout = self.packed_layout
         if layout == packed.layout_for(f.layout, spec.expert_num):
+            ffi = self.kernel.ffi
             for p, part in enumerate(self._parts):
-                ptrs = [self.kernel.ffi.NULL if v is None else self._ptr(v, "void *") for v in f.views(p, experts)]
-                self._call("attach_packed", part, ptrs)
+                views = f.views(p, experts)
+                ptrs = [ffi.NULL if v is None else self._ptr(v, "void *") for v in views]
+                sizes = [0 if v is None else v.size for v in views]
+                try:
+                    self._call("attach_packed", part, ptrs, sizes)
+                except KernelError as err:
+                    if err.code != ERR_PACKED_SIZE:
+                        raise
+                    raise packed.PackedFileError(f"{f.path}: its buffers are not the sizes the "
+                                                 f"{self.kernel.isa} kernels read ({err})") from None
             self._mapped = f   # the kernels read its pages: kept as long as they are
         else:
             logger.warning("ktgen: %s was packed as %r (tier %s); the %s tier packs as %r, so "
@@ -280,7 +294,7 @@ class MoE:
     def _call(self, name: str, *args) -> None:
         rc = self.kernel.fn(name)(*args)
         if rc != 0:
-            raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})")
+            raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})", rc)
 
     def _each_partition(self, fn) -> list:
         """fn(p, part) for every partition, each on its own thread when there are several."""
@@ -481,14 +495,21 @@ class MoE:
             out.append([(ptrs[i], int(sizes[i]), int(per[i])) for i in range(12)])
         return out
 
-    def save_packed(self, path) -> None:
+    def save_packed(self, path, metadata: dict[str, str] | None = None) -> None:
         """Write the base weights, as the kernels hold them, to a packed weight file
-        (docs/design.md#packed-weight-files) that MoE.from_packed maps."""
+        (docs/design.md#packed-weight-files) that MoE.from_packed maps. metadata: more string
+        entries for the file's metadata (`ktgen pack` records the layer and its checkpoint)."""
         views = self._packed_views()
         buffers = [(packed.buffer_name(p, i), ptr, n)
                    for p, bufs in enumerate(views) for i, (ptr, n, _) in enumerate(bufs) if n]
         per_expert = [[pe for _, _, pe in bufs] for bufs in views]
-        packed.write(path, buffers, packed.metadata(self.spec, self.packed_layout, self.kernel.isa, per_expert))
+        meta = packed.metadata(self.spec, self.packed_layout, self.kernel.isa, per_expert)
+        extra = dict(metadata or {})
+        clash = sorted(set(extra) & (set(meta) | {packed.DIGEST}))
+        if clash or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise ValueError(f"metadata: expected str -> str entries other than ktgen's own "
+                             f"({', '.join(sorted(meta))}), got {clash or extra}")
+        packed.write(path, buffers, {**meta, **extra})
 
     def base_weights(self) -> tuple:
         """gate, up [E, I, H] and down [E, H, I] exactly as the kernels compute with them, in
