@@ -1034,33 +1034,27 @@ def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class _ExpertsSource:
     """patch_model's checkpoint=: a Hugging Face checkpoint directory, or a `ktgen pack` output
-    directory (its ktgen-pack.json names the checkpoint it came from)."""
+    directory (its ktgen-pack.json names the checkpoint it came from, checked against it)."""
 
     def __init__(self, directory):
         directory = Path(directory)
-        index = directory / _checkpoint.PACK_INDEX
-        self.pack = json.loads(index.read_text()) if index.exists() else None
+        self.pack = _checkpoint.PackIndex.read(directory)
         self.directory = directory
         self.renames: dict[str, str] = {}   # a model block's path -> its name in the checkpoint
-        if self.pack is not None:
-            if self.pack.get("format") != "ktgen-pack" or self.pack.get("version") != "1":
-                raise ValueError(f"checkpoint: {index} is not a ktgen-pack index of version 1")
-            origin = Path(self.pack.get("checkpoint", ""))
-            self.hf = _checkpoint.Checkpoint(origin) if (origin / "config.json").exists() else None
-        else:
-            self.hf = _checkpoint.Checkpoint(directory)
+        self.hf = self.pack.source() if self.pack is not None else _checkpoint.Checkpoint(directory)
 
     def layer(self, module_path: str, quant: dict, experts: nn.Module):
         """(weights for from_hf_experts, the spec's quant fields) of one experts module."""
-        layers = self.pack["layers"] if self.pack is not None else self.hf.layers
+        layers = self.pack.layers if self.pack is not None else self.hf.layers
         prefix = _checkpoint.match_prefix(module_path, layers, self.directory)
         self.renames[module_path.rsplit(".", 1)[0]] = prefix
         if self.pack is not None:
-            path = self.directory / layers[prefix]["file"]
-            q = _packed.PackedFile(path).spec.quant.model_dump()
+            f = self.pack.layer_file(prefix)
+            q = f.spec.quant.model_dump()
+            f.close()
             if quant.get("mode", q["mode"]) != q["mode"]:
                 raise ValueError(f"quant: {self.directory} holds {q['mode']} experts, not {quant['mode']}")
-            return _PackedFile(path), q
+            return _PackedFile(f.path), q
         keys = layers[prefix]
         mode = quant.get("mode") or self.hf.layer_format(keys)
         weights = self.hf.load_layer(keys, mode, group_size=quant.get("group_size"),
