@@ -59,6 +59,7 @@ import ml_dtypes
 import numpy as np
 
 from . import isa
+from .files import write_atomic
 from .runtime import usable_cores
 from .spec import LORA_NAMES
 from .workload import meminfo
@@ -924,8 +925,7 @@ def main(argv=None) -> int:
                  experts=a.experts, train=not a.no_train)
     if a.json:
         path = Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_atomic(path, json.dumps(res, indent=2, default=str) + "\n")
         print(f"  figures written to {path}")
     return 0
 

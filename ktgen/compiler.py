@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 from . import target as target_mod
 from ._version import __version__
 from .render import Rendered, render
+from .files import write_atomic
 from .settings import BUILD_ENV, settings
 from .spec import MoESpec
 from .target import BASE_FLAGS, LINK_FLAGS, SANITIZERS, Target  # noqa: F401 - BASE_FLAGS etc. re-exported
@@ -161,19 +162,6 @@ def _read_manifest(entry: Path, key: str) -> dict | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # Runs in a child interpreter (python -c): builds one cffi module from a job file. -c rather than
 # a script path, so that no directory of ktgen's own modules lands on the child's sys.path.
 _BUILD_SCRIPT = """
@@ -282,9 +270,9 @@ def _build_entry(rendered, spec, target: Target, key, module_name, entry: Path) 
         started = time.perf_counter()
         built = _compile_module(rendered, module_name, target, Path(tmp))
         module_file = built.name
-        _atomic_write(entry / module_file, built.read_bytes())
-    _atomic_write(entry / rendered.header_name, rendered.header.encode())
-    _atomic_write(entry / f"{spec.name}.c", rendered.source.encode())
+        write_atomic(entry / module_file, built.read_bytes(), fsync=True)
+    write_atomic(entry / rendered.header_name, rendered.header.encode(), fsync=True)
+    write_atomic(entry / f"{spec.name}.c", rendered.source.encode(), fsync=True)
     manifest = {
         "key": key,
         "module": module_name,
@@ -300,7 +288,7 @@ def _build_entry(rendered, spec, target: Target, key, module_name, entry: Path) 
         "build_seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _atomic_write(entry / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(entry / MANIFEST, json.dumps(manifest, indent=2).encode(), fsync=True)
     return manifest
 
 
