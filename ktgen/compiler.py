@@ -12,7 +12,9 @@ cffi's build changes the working directory and reads the compiler from os.enviro
 process-wide; it runs in a child Python process instead, so that compiling leaves the caller's
 working directory and environment alone. Builds of one key are serialized across processes with
 a file lock (`<entry>.lock`, never deleted: a lock file removed while held stops excluding), and
-inside one process with a thread lock.
+inside one process with a thread lock. A hit imports without the lock; one whose entry is removed
+(`ktgen cache clear`, which takes each entry's lock) before the import opens it is taken as a
+miss, and a miss imports under the lock, so that a clear never makes a compile fail.
 """
 
 from __future__ import annotations
@@ -246,17 +248,32 @@ def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: 
     with _build_lock:
         module = _loaded.get(key)
         if module is None:
-            manifest = _read_manifest(entry, key)
-            if manifest is None:
-                _ensure_cache_dir(cfg.cache_dir)
-                with FileLock(str(_lock_path(entry))):
-                    manifest = _read_manifest(entry, key)  # another process may have built it
-                    if manifest is None:
-                        manifest = _build_entry(rendered, spec, target, key, module_name, entry)
-                        compiled = True
-            module = _import(module_name, entry / manifest["module_file"])
-            _loaded[key] = module
+            module = _import_hit(module_name, entry, key)
+        if module is None:
+            # A miss, or a hit whose entry went (`ktgen cache clear`) before its import: under the
+            # entry's lock, which clear_cache respects, build it if need be and import it.
+            _ensure_cache_dir(cfg.cache_dir)
+            with FileLock(str(_lock_path(entry))):
+                manifest = _read_manifest(entry, key)  # another process may have built it
+                if manifest is None:
+                    manifest = _build_entry(rendered, spec, target, key, module_name, entry)
+                    compiled = True
+                module = _import(module_name, entry / manifest["module_file"])
+        _loaded[key] = module
     return Kernel(spec, target, key, entry, module.ffi, module.lib, compiled, rendered)
+
+
+def _import_hit(module_name: str, entry: Path, key: str):
+    """The module of a complete entry, imported without its lock (a cache on a read-only
+    filesystem still loads); None when the entry is incomplete, or is removed before the
+    import opens it."""
+    manifest = _read_manifest(entry, key)
+    if manifest is None:
+        return None
+    try:
+        return _import(module_name, entry / manifest["module_file"])
+    except (ImportError, OSError):
+        return None
 
 
 def _lock_path(entry: Path) -> Path:
