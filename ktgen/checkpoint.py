@@ -94,7 +94,7 @@ def _tensor_info(path: Path, name: str, t) -> TensorInfo:
     dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
     if dtype is None:
         raise CheckpointError(f"{where} has no dtype")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointError(f"{where}: dtype {dtype!r:.40} is not a safetensors dtype "
                               f"({', '.join(DTYPE_BITS)})")
     if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
