@@ -5,6 +5,7 @@ Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -378,3 +379,28 @@ def check_cases_doc(cases: list[Case], doc) -> None:
     assert not missing and not extra, f"{doc.name}: missing rows {missing}, unknown rows {extra}"
     for c in cases:
         assert rows[c.id] == (c.result, c.fragment), (c.id, rows[c.id], (c.result, c.fragment))
+
+
+# ---- sanitized subprocesses (tests/test_sanitize.py, tests/test_fuzz_files.py) ----
+
+def libasan() -> str | None:
+    cc = os.environ.get("KTGEN_CC") or os.environ.get("CC") or "cc"
+    try:
+        out = subprocess.run([cc.split()[0], "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except OSError:
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def sanitized_env(kernel_cache: str, repo) -> dict:
+    """The environment of a subprocess whose kernels run under ASan and UBSan: the ASan runtime
+    preloaded (it must be first), every kernel built with -fsanitize=address,undefined."""
+    asan = libasan()
+    assert asan, "the C compiler has no libasan.so (Debian: apt-get install libasan8 / gcc)"
+    env = dict(os.environ)
+    env.pop("KTGEN_ISA", None)
+    env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1",
+               KTGEN_SANITIZE="address,undefined", KTGEN_CACHE_DIR=kernel_cache,
+               PYTHONPATH=os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p))
+    return env
