@@ -244,36 +244,33 @@ def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: 
     module_name = f"_ktgen_{spec.name}_{key[:20]}"
     entry = cfg.cache_dir / f"{spec.name}-{key[:20]}"
 
-    compiled = False
     with _build_lock:
-        module = _loaded.get(key)
+        module, compiled = _loaded.get(key), False
         if module is None:
-            module = _import_hit(module_name, entry, key)
-        if module is None:
-            # A miss, or a hit whose entry went (`ktgen cache clear`) before its import: under the
-            # entry's lock, which clear_cache respects, build it if need be and import it.
-            _ensure_cache_dir(cfg.cache_dir)
-            with FileLock(str(_lock_path(entry))):
-                manifest = _read_manifest(entry, key)  # another process may have built it
-                if manifest is None:
-                    manifest = _build_entry(rendered, spec, target, key, module_name, entry)
-                    compiled = True
-                module = _import(module_name, entry / manifest["module_file"])
-        _loaded[key] = module
+            module, compiled = load_entry(entry, key, module_name, lambda: _build_entry(
+                rendered, spec, target, key, module_name, entry))
+            _loaded[key] = module
     return Kernel(spec, target, key, entry, module.ffi, module.lib, compiled, rendered)
 
 
-def _import_hit(module_name: str, entry: Path, key: str):
-    """The module of a complete entry, imported without its lock (a cache on a read-only
-    filesystem still loads); None when the entry is incomplete, or is removed before the
-    import opens it."""
+def load_entry(entry: Path, key: str, module_name: str, build) -> tuple[Any, bool]:
+    """(the module of cache entry `entry`, whether build() ran to write it). A complete entry is
+    imported without its lock (a cache on a read-only filesystem still loads); a miss, or a hit
+    whose entry went (`ktgen cache clear`) before its import opened it, builds the entry if need
+    be and imports it under the entry's lock, which clear_cache respects."""
     manifest = _read_manifest(entry, key)
-    if manifest is None:
-        return None
-    try:
-        return _import(module_name, entry / manifest["module_file"])
-    except (ImportError, OSError):
-        return None
+    if manifest is not None:
+        try:
+            return _import(module_name, entry / manifest["module_file"]), False
+        except (ImportError, OSError):
+            pass
+    _ensure_cache_dir(entry.parent)
+    with FileLock(str(_lock_path(entry))):
+        manifest = _read_manifest(entry, key)  # another process may have built it
+        built = manifest is None
+        if built:
+            manifest = build()
+        return _import(module_name, entry / manifest["module_file"]), built
 
 
 def _lock_path(entry: Path) -> Path:

@@ -525,8 +525,10 @@ class MoE:
             if all(c == ERR_BUSY for c in codes):   # refused before anything ran
                 raise KernelError(message + "; nothing ran and the saved forward is kept: retry", failed)
             saved._finalizer.detach()
-            self._release_slot(saved.slot)
-            raise KernelError(message, failed)
+            try:
+                raise KernelError(message, failed)
+            finally:   # a release that fails too raises its error, with this one as its context
+                self._release_slot(saved.slot)
         saved._finalizer.detach()  # consumed: this backward gave the slot back
         self._release_slot(saved.slot, kernel_released=True)
         for name, parts in summed.items():
