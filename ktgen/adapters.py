@@ -61,6 +61,7 @@ load give back the same bits.
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping
 
 import numpy as np
@@ -69,8 +70,8 @@ from .runtime import LORA_NAMES, LoRAWeights
 from .spec import LoRASpec
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "fold_a", "fold_b", "from_peft", "module_scale", "peft_config",
-    "peft_keys", "peft_scale", "to_peft", "unfold_a", "unfold_b",
+    "CONFIG_NAME", "WEIGHTS_NAME", "check_config", "fold_a", "fold_b", "from_peft", "inexact_features",
+    "module_scale", "peft_config", "peft_keys", "peft_scale", "to_peft", "unfold_a", "unfold_b",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
@@ -218,12 +219,71 @@ def peft_config(lora: LoRASpec, prefixes: list[str], base_model_name_or_path: st
 
 def _pattern_value(patterns: Mapping, key: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    import re
-
     for pattern in patterns or {}:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return patterns[pattern]
     return default
+
+
+def inexact_features(get) -> list[str]:
+    """What of a LoRA configuration ktgen's experts do not compute, in words: dropout, DoRA, a
+    bias. get(field, default) reads a field (of a peft.LoraConfig or of adapter_config.json)."""
+    bad = []
+    if get("lora_dropout", 0.0):
+        bad.append(f"lora_dropout = {get('lora_dropout', 0.0)} (ktgen's LoRA has no dropout)")
+    if get("use_dora", False):
+        bad.append("use_dora = True (ktgen's LoRA has no magnitude vector)")
+    if get("bias", "none") != "none" or get("lora_bias", False):
+        bad.append("a LoRA bias")
+    return bad
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(config, where: str) -> dict:
+    """adapter_config.json as load_adapter reads it: a JSON object whose fields ktgen uses have
+    the types and ranges PEFT gives them (r >= 1, lora_alpha > 0, use_rslora a bool, rank and
+    alpha patterns objects of regular expressions -> ranks / alphas), for an adapter ktgen
+    computes exactly (inexact_features). Anything else is a ValueError naming the field."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+
+    def bad(field, want):
+        return ValueError(f"{where}: {field}: expected {want}, got {config.get(field)!r:.80}")
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r:.40}, expected 'LORA'")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise bad("r", "an integer rank >= 1")
+    if not _finite(config.get("lora_alpha", 8)) or config.get("lora_alpha", 8) <= 0:
+        raise bad("lora_alpha", "a number > 0")
+    for field in ("use_rslora", "use_dora", "lora_bias"):
+        if not isinstance(config.get(field, False), bool):
+            raise bad(field, "true or false")
+    dropout = config.get("lora_dropout", 0.0)
+    if not _finite(dropout) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if not isinstance(config.get("bias", "none"), str):
+        raise bad("bias", "'none', 'all' or 'lora_only'")
+    for field, want, ok in (("rank_pattern", "ranks >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                             and v >= 1), ("alpha_pattern", "alphas > 0", lambda v: _finite(v) and v > 0)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise bad(field, f"an object of regular expressions -> {want}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as err:
+                raise ValueError(f"{where}: {field}: {pattern!r:.60} is not a regular expression ({err})") from None
+            if not ok(value):
+                raise ValueError(f"{where}: {field}[{pattern!r:.60}]: expected one of the {want}, got {value!r:.40}")
+    refused = inexact_features(config.get)
+    if refused:
+        raise ValueError(f"{where}: this adapter is not what ktgen's experts compute: {'; '.join(refused)}")
+    return config
 
 
 def module_scale(config: Mapping, param_key: str, rank: int) -> float:

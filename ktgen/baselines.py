@@ -59,6 +59,7 @@ import ml_dtypes
 import numpy as np
 
 from . import isa
+from .files import write_atomic
 from .runtime import usable_cores
 from .spec import LORA_NAMES
 from .workload import meminfo
@@ -602,7 +603,6 @@ def _bandwidth_module():
     if _bw_module is not None:
         return _bw_module, _bw_module._ktgen_flags
     import cffi
-    from filelock import FileLock
 
     from . import compiler as C
     from ._version import __version__
@@ -619,14 +619,8 @@ def _bandwidth_module():
     module_name = f"_ktgen_bandwidth_{key[:20]}"
     entry = cfg.cache_dir / f"bandwidth-{key[:20]}"
     with C._build_lock:
-        manifest = C._read_manifest(entry, key)
-        if manifest is None:
-            C._ensure_cache_dir(cfg.cache_dir)
-            with FileLock(str(cfg.cache_dir / f"{entry.name}.lock")):
-                manifest = C._read_manifest(entry, key)
-                if manifest is None:
-                    manifest = _build_bandwidth(entry, key, module_name, flags, cfg, tier)
-        module = C._import(module_name, entry / manifest["module_file"])
+        module, _ = C.load_entry(entry, key, module_name,
+                                 lambda: _build_bandwidth(entry, key, module_name, flags, cfg, tier))
     module._ktgen_flags = flags
     _bw_module = module
     return module, flags
@@ -646,13 +640,13 @@ def _build_bandwidth(entry: Path, key: str, module_name: str, flags, cfg, tier: 
         # In a child process, as the kernels: the caller's cwd and os.environ stay as they are.
         target = Target(tier, cc=cc, build_env=cfg.build_env)
         built = C.build_cffi_module(module_name, _BW_CDEF, _BW_SOURCE, target, Path(tmp), flags, ("-fopenmp",))
-        C._atomic_write(entry / built.name, built.read_bytes())
+        write_atomic(entry / built.name, built.read_bytes(), fsync=True)
     manifest = {"key": key, "module": module_name, "module_file": built.name,
                 "sha256": C._sha256(entry / built.name), "spec": "(bandwidth probe)", "tier": tier,
                 "flags": list(flags), "compiler": C.compiler_identity(cc),
                 "build_seconds": round(time.perf_counter() - started, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    C._atomic_write(entry / C.MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(entry / C.MANIFEST, json.dumps(manifest, indent=2).encode(), fsync=True)
     return manifest
 
 
@@ -924,8 +918,7 @@ def main(argv=None) -> int:
                  experts=a.experts, train=not a.no_train)
     if a.json:
         path = Path(a.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        write_atomic(path, json.dumps(res, indent=2, default=str) + "\n")
         print(f"  figures written to {path}")
     return 0
 

@@ -26,6 +26,7 @@ from . import target as target_mod
 from ._version import __version__
 from .compiler import CacheError, CompilerError
 from .emit import BuildError
+from .files import write_atomic
 from .formats import MODES
 from .runtime import usable_cores
 from .workload import ACTIVATION_STD, WEIGHT_STD, fmt_bytes
@@ -275,8 +276,7 @@ def cmd_bench(args) -> int:
     _print_bench(res)
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2) + "\n")
+        write_atomic(path, json.dumps(res, indent=2) + "\n")
         _out(f"  figures written to {path}")
     return 0
 

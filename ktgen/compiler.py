@@ -12,7 +12,9 @@ cffi's build changes the working directory and reads the compiler from os.enviro
 process-wide; it runs in a child Python process instead, so that compiling leaves the caller's
 working directory and environment alone. Builds of one key are serialized across processes with
 a file lock (`<entry>.lock`, never deleted: a lock file removed while held stops excluding), and
-inside one process with a thread lock.
+inside one process with a thread lock. A hit imports without the lock; one whose entry is removed
+(`ktgen cache clear`, which takes each entry's lock) before the import opens it is taken as a
+miss, and a miss imports under the lock, so that a clear never makes a compile fail.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from filelock import FileLock, Timeout
 from . import target as target_mod
 from ._version import __version__
 from .render import Rendered, render
+from .files import write_atomic
 from .settings import BUILD_ENV, settings
 from .spec import MoESpec
 from .target import BASE_FLAGS, LINK_FLAGS, SANITIZERS, Target  # noqa: F401 - BASE_FLAGS etc. re-exported
@@ -161,19 +164,6 @@ def _read_manifest(entry: Path, key: str) -> dict | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # Runs in a child interpreter (python -c): builds one cffi module from a job file. -c rather than
 # a script path, so that no directory of ktgen's own modules lands on the child's sys.path.
 _BUILD_SCRIPT = """
@@ -254,21 +244,33 @@ def compile(spec: MoESpec, isa: str | Target | None = None) -> Kernel:  # noqa: 
     module_name = f"_ktgen_{spec.name}_{key[:20]}"
     entry = cfg.cache_dir / f"{spec.name}-{key[:20]}"
 
-    compiled = False
     with _build_lock:
-        module = _loaded.get(key)
+        module, compiled = _loaded.get(key), False
         if module is None:
-            manifest = _read_manifest(entry, key)
-            if manifest is None:
-                _ensure_cache_dir(cfg.cache_dir)
-                with FileLock(str(_lock_path(entry))):
-                    manifest = _read_manifest(entry, key)  # another process may have built it
-                    if manifest is None:
-                        manifest = _build_entry(rendered, spec, target, key, module_name, entry)
-                        compiled = True
-            module = _import(module_name, entry / manifest["module_file"])
+            module, compiled = load_entry(entry, key, module_name, lambda: _build_entry(
+                rendered, spec, target, key, module_name, entry))
             _loaded[key] = module
     return Kernel(spec, target, key, entry, module.ffi, module.lib, compiled, rendered)
+
+
+def load_entry(entry: Path, key: str, module_name: str, build) -> tuple[Any, bool]:
+    """(the module of cache entry `entry`, whether build() ran to write it). A complete entry is
+    imported without its lock (a cache on a read-only filesystem still loads); a miss, or a hit
+    whose entry went (`ktgen cache clear`) before its import opened it, builds the entry if need
+    be and imports it under the entry's lock, which clear_cache respects."""
+    manifest = _read_manifest(entry, key)
+    if manifest is not None:
+        try:
+            return _import(module_name, entry / manifest["module_file"]), False
+        except (ImportError, OSError):
+            pass
+    _ensure_cache_dir(entry.parent)
+    with FileLock(str(_lock_path(entry))):
+        manifest = _read_manifest(entry, key)  # another process may have built it
+        built = manifest is None
+        if built:
+            manifest = build()
+        return _import(module_name, entry / manifest["module_file"]), built
 
 
 def _lock_path(entry: Path) -> Path:
@@ -282,9 +284,9 @@ def _build_entry(rendered, spec, target: Target, key, module_name, entry: Path) 
         started = time.perf_counter()
         built = _compile_module(rendered, module_name, target, Path(tmp))
         module_file = built.name
-        _atomic_write(entry / module_file, built.read_bytes())
-    _atomic_write(entry / rendered.header_name, rendered.header.encode())
-    _atomic_write(entry / f"{spec.name}.c", rendered.source.encode())
+        write_atomic(entry / module_file, built.read_bytes(), fsync=True)
+    write_atomic(entry / rendered.header_name, rendered.header.encode(), fsync=True)
+    write_atomic(entry / f"{spec.name}.c", rendered.source.encode(), fsync=True)
     manifest = {
         "key": key,
         "module": module_name,
@@ -300,7 +302,7 @@ def _build_entry(rendered, spec, target: Target, key, module_name, entry: Path) 
         "build_seconds": round(time.perf_counter() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _atomic_write(entry / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(entry / MANIFEST, json.dumps(manifest, indent=2).encode(), fsync=True)
     return manifest
 
 

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from ._version import __version__
+from .files import write_atomic
 from .render import _env, render
 from .spec import MoESpec
 from .target import Target
@@ -95,7 +96,7 @@ def emit(spec: MoESpec, target: Target, out_dir: Path, missing: list[str] | None
     written = []
     for fname, text in files.items():
         path = out_dir / fname
-        path.write_text(text)
+        write_atomic(path, text)
         written.append(path)
     return written
 

@@ -43,6 +43,7 @@ class Format:
     unpanel: Callable                   # (packed q, s, z buffers, fmt, E, rows, K, G, pack, split) -> arrays
     split: int = 0                      # its panel rows pair columns j and j + split in one byte or word
     limits: tuple[float, float] = (3e-2, 4e-2)   # relL2 of out, of every gradient (docs/design.md#accuracy)
+    panel_bytes: Callable = None        # (K, G) -> bytes of one panel's payload, scales and zeros (S_PER_PANEL's)
 
     @property
     def grouped(self) -> bool:
@@ -177,12 +178,14 @@ def _unpanel_nibbles(bufs, fmt, E, rows, K, G, pack, split):
 FORMATS = {f.name: f for f in (
     Format("bf16", "bf16", (), None,
            "gate, up, down: bf16 bit patterns [E][rows][K].",
-           _bf16_quantize, _bf16_dequantize, _unpanel_bytes, limits=(1e-2, 2e-2)),
+           _bf16_quantize, _bf16_dequantize, _unpanel_bytes, limits=(1e-2, 2e-2),
+           panel_bytes=lambda K, G: (K * PANEL * 2, 0, 0)),
     Format("int8", "int8",
            (Array("q", np.dtype(np.int8), lambda E, rows, K, G: (E, rows, K)),
             Array("scales", np.dtype(np.float32), lambda E, rows, K, G: (E, rows))),
            None, "*_q: int8 [E][rows][K]; *_s: float32 [E][rows] (w = q * s).",
-           _int8_quantize, _int8_dequantize, _unpanel_bytes),
+           _int8_quantize, _int8_dequantize, _unpanel_bytes,
+           panel_bytes=lambda K, G: (K * PANEL, PANEL * 4, 0)),
     # 128: the group size AutoAWQ checkpoints use first; 32: Kimi-K2's int4 release
     Format("awq", "int4",
            (Array("q", np.dtype(np.uint8), lambda E, rows, K, G: (E, rows, K // 2)),
@@ -190,13 +193,15 @@ FORMATS = {f.name: f for f in (
             Array("zeros", np.dtype(np.uint8), _groups)),
            128, "*_q: uint8 [E][rows][K/2], two int4 a byte, k even in the low nibble;\n"
                 "*_s: float16 bits [E][rows][K/{G}]; *_z: uint8 zeros [E][rows][K/{G}] (w = (q - z) * s).",
-           _awq_quantize, lambda a, G: _int4_dequantize(a, G, True), _unpanel_nibbles, split=16),
+           _awq_quantize, lambda a, G: _int4_dequantize(a, G, True), _unpanel_nibbles, split=16,
+           panel_bytes=lambda K, G: (K * PANEL // 2, K // G * PANEL * 2, K // G * PANEL)),
     Format("k2", "int4",
            (Array("q", np.dtype(np.uint8), lambda E, rows, K, G: (E, rows, K // 2)),
             Array("scales", bfloat16, _groups)),
            32, "*_q: uint8 [E][rows][K/2], two int4 a byte, k even in the low nibble, stored as q + 8;\n"
                "*_s: bf16 bits [E][rows][K/{G}] (w = (q - 8) * s).",
-           _k2_quantize, lambda a, G: _int4_dequantize(a, G, False), _unpanel_nibbles, split=16),
+           _k2_quantize, lambda a, G: _int4_dequantize(a, G, False), _unpanel_nibbles, split=16,
+           panel_bytes=lambda K, G: (K * PANEL // 2, K // G * PANEL * 2, 0)),
 )}
 MODES = tuple(FORMATS)                               # every quant mode a spec takes
 DEFAULT_GROUP_SIZE = {n: f.default_group_size for n, f in FORMATS.items() if f.grouped}

@@ -167,13 +167,16 @@ def from_compressed_tensors(weight_packed, weight_scale, weight_shape) -> Quanti
     weight_scale bfloat16 [N, K/G]; weight_shape (N, K). A leading expert dim is accepted."""
     packed, scale = _as3d(weight_packed), _as3d(weight_scale)
     shape = tuple(int(v) for v in np.asarray(weight_shape).reshape(-1)[-2:])
+    if len(shape) != 2:
+        raise QuantError(f"weight_shape: expected (N, K), got {np.asarray(weight_shape).tolist()}")
     if packed.dtype != np.int32 or packed.ndim != 3:
         raise QuantError(f"weight_packed: expected int32 [N, K/8] (or [E, N, K/8]), got {packed.dtype} {packed.shape}")
     E = packed.shape[0]
     N, K = shape
     if K % 8 or packed.shape[1:] != (N, K // 8):
         raise QuantError(f"weight_packed: expected shape [{N}, {K // 8}] for weight_shape {shape}, got {packed.shape[1:]}")
-    if scale.dtype != bfloat16 or scale.ndim != 3 or scale.shape[:2] != (E, N) or K % scale.shape[2]:
+    if scale.dtype != bfloat16 or scale.ndim != 3 or scale.shape[:2] != (E, N) or not scale.shape[2] \
+            or K % scale.shape[2]:
         raise QuantError(f"weight_scale: expected bfloat16 [{N}, K/G] with G dividing {K}, got {scale.dtype} {scale.shape}")
     G = K // scale.shape[2]
     w = packed.astype(np.uint32)

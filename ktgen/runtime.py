@@ -6,10 +6,17 @@ reaches C; outputs are allocated here, so the kernel never writes into a buffer 
 caller's choosing except the LoRA gradient arrays it also allocates. Each TP partition is
 its own C context with its own thread team; partitions run concurrently from Python
 threads (cffi releases the GIL during every kernel call).
+
+A MoE runs one call at a time: each public call that reaches the kernels holds the MoE's call
+lock, so that calls from several threads take turns (a set_lora waits for the forward that is
+running, which computes with one LoRA throughout), and none is refused as busy by a context.
+A saved forward dropped while a call runs is given back by the next call. After close(),
+every such call raises MoEClosedError and changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -30,14 +37,23 @@ from .target import Target
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 logger = logging.getLogger("ktgen")
+ERR_BUSY, ERR_PACKED_SIZE = 12, 13   # api.h error codes the runtime acts on
 
 
 class CacheFullError(RuntimeError):
     """Every saved-forward slot (max_cache_depth) is taken."""
 
 
+class MoEClosedError(RuntimeError):
+    """A call on a MoE after its close()."""
+
+
 class KernelError(RuntimeError):
-    """A kernel returned an error code."""
+    """A kernel returned an error code (`code`)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -197,9 +213,18 @@ class MoE:
         self._start(spec, isa)
         layout = self.packed_layout
         if layout == packed.layout_for(f.layout, spec.expert_num):
+            ffi = self.kernel.ffi
             for p, part in enumerate(self._parts):
-                ptrs = [self.kernel.ffi.NULL if v is None else self._ptr(v, "void *") for v in f.views(p, experts)]
-                self._call("attach_packed", part, ptrs)
+                views = f.views(p, experts)
+                ptrs = [ffi.NULL if v is None else self._ptr(v, "void *") for v in views]
+                sizes = [0 if v is None else v.size for v in views]
+                try:
+                    self._call("attach_packed", part, ptrs, sizes)
+                except KernelError as err:
+                    if err.code != ERR_PACKED_SIZE:
+                        raise
+                    raise packed.PackedFileError(f"{f.path}: its buffers are not the sizes the "
+                                                 f"{self.kernel.isa} kernels read ({err})") from None
             self._mapped = f   # the kernels read its pages: kept as long as they are
         else:
             logger.warning("ktgen: %s was packed as %r (tier %s); the %s tier packs as %r, so "
@@ -220,6 +245,9 @@ class MoE:
             raise TypeError(f"isa: expected a tier name (str) or a ktgen.Target, got {type(isa).__name__}")
         self.spec = spec
         self._mapped = None
+        self._call_lock = threading.Lock()   # one call at a time (_running)
+        self._closed = False
+        self._dropped: list[int] = []        # slots of saved forwards dropped while a call ran
         self.kernel: Kernel = compile_kernel(spec, isa)
         self.threads = spec.threads or default_threads(spec.tp_count)
         # One thread per partition when there are several, pinned to its NUMA node when the
@@ -274,13 +302,33 @@ class MoE:
         return w if q.mode == "bf16" else quant.quantize(w, q.mode, q.group_size)
 
     # ---- plumbing ----
+    @contextlib.contextmanager
+    def _running(self):
+        """Hold the call lock for one public call: refused once closed; the slots of saved
+        forwards dropped meanwhile are given back first."""
+        with self._call_lock:
+            if self._closed:
+                raise MoEClosedError(f"MoE of spec {self.spec.name} is closed (close() was called): "
+                                     f"build a new one")
+            self._release_dropped()
+            yield
+
+    def _release_dropped(self) -> None:
+        with self._slot_lock:
+            dropped, self._dropped = self._dropped, []
+        for slot in dropped:
+            try:
+                self._release_slot(slot)
+            except KernelError as exc:
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=3)
+
     def _ptr(self, a: np.ndarray, ctype: str):
         return self.kernel.ffi.cast(ctype, a.ctypes.data)
 
     def _call(self, name: str, *args) -> None:
         rc = self.kernel.fn(name)(*args)
         if rc != 0:
-            raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})")
+            raise KernelError(f"{self.kernel.rendered.prefix}_{name}: {self.kernel.error(rc)} (code {rc})", rc)
 
     def _each_partition(self, fn) -> list:
         """fn(p, part) for every partition, each on its own thread when there are several."""
@@ -296,7 +344,11 @@ class MoE:
     # ---- public API ----
     def set_lora(self, lora: LoRAWeights) -> None:
         """Use the caller's LoRA arrays in place (zero-copy): an in-place update is seen by the
-        next forward with no other call."""
+        next forward with no other call. Waits for a call that is running."""
+        with self._running():
+            self._set_lora(lora)
+
+    def _set_lora(self, lora: LoRAWeights) -> None:
         spec = self.spec
         if spec.lora is None:
             raise ValueError(f"lora: spec {spec.name} has no LoRA (lora: null)")
@@ -357,10 +409,15 @@ class MoE:
 
     def forward(self, x, expert_ids, routing_weights) -> np.ndarray:
         """out bf16 [T, H] (docs/design.md#the-math); nothing is saved."""
-        return self._forward(x, expert_ids, routing_weights, -1)
+        with self._running():
+            return self._forward(x, expert_ids, routing_weights, -1)
 
     def forward_train(self, x, expert_ids, routing_weights) -> tuple[np.ndarray, SavedForward]:
         """out, and the saved forward that backward needs (takes one of max_cache_depth slots)."""
+        with self._running():
+            return self._forward_train(x, expert_ids, routing_weights)
+
+    def _forward_train(self, x, expert_ids, routing_weights) -> tuple[np.ndarray, SavedForward]:
         with self._slot_lock:
             if not self._free_slots:
                 raise CacheFullError(
@@ -395,21 +452,32 @@ class MoE:
                 self._free_slots.sort()
 
     def _drop_slot(self, slot: int) -> None:
-        """The finalizer of a SavedForward dropped without a backward: nobody to raise to."""
-        try:
-            self._release_slot(slot)
-        except KernelError as exc:
-            warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+        """The finalizer of a SavedForward dropped without a backward (nobody to raise to): its
+        slot is given back now, or by the next call when one is running (maybe in this very
+        thread: a finalizer never waits for the call lock)."""
+        with self._slot_lock:
+            self._dropped.append(slot)
+        if self._call_lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._release_dropped()
+            finally:
+                self._call_lock.release()
 
     def backward(self, saved: SavedForward, grad_out) -> Grads:
         """Gradients of the input, the routing weights and the LoRA matrices (docs/design.md,
-        "The math"). An argument rejected here, before any kernel runs, leaves `saved` usable;
-        once the kernels run, its slot is given back whether they succeed or fail (api.h: backward
+        "The math"). An argument rejected here, before any kernel runs, leaves `saved` usable,
+        and so does a backward every partition refused as busy (ERR_BUSY: nothing ran); once the
+        kernels run, its slot is given back whether they succeed or fail (api.h: backward
         releases the slot), and a failure raises KernelError."""
         if not isinstance(saved, SavedForward) or saved._moe_id != id(self):
             raise ValueError("saved: expected the SavedForward returned by this MoE's forward_train")
-        if saved.consumed:
-            raise ValueError("saved: this saved forward was already used by a backward (or released)")
+        with self._running():
+            if saved.consumed:
+                raise ValueError("saved: this saved forward was already used by a backward (or released)")
+            return self._backward(saved, grad_out)
+
+    def _backward(self, saved: SavedForward, grad_out) -> Grads:
         spec = self.spec
         T, H, k = saved.tokens, spec.hidden_size, spec.num_experts_per_tok
         check_array("grad_out", grad_out, bfloat16, (T, H))
@@ -440,17 +508,28 @@ class MoE:
                     ptrs.append(self._ptr(summed[name][p], "float *"))
                 else:
                     ptrs.append(self._ptr(lora_grads[name], self._lora_ctype()))
-            self._call("backward", part, saved.slot, gop, self._ptr(grad_inputs[p], "float *"),
-                       self._ptr(grad_routing[p], "float *"), *ptrs)
+            return self.kernel.fn("backward")(part, saved.slot, gop, self._ptr(grad_inputs[p], "float *"),
+                                              self._ptr(grad_routing[p], "float *"), *ptrs)
 
-        saved._finalizer.detach()  # consumed: this backward gives the slot back, once
+        # A failed kernel keeps the slot (on its partition): it is released everywhere (releasing
+        # a free slot is not an error), so that the kernel and the free list agree.
         try:
-            self._each_partition(run)  # returns or raises once every partition is done
+            codes = self._each_partition(run)   # once every partition is done
         except BaseException:
-            # A failed kernel kept the slot (on its partition); release it everywhere (releasing
-            # a free slot is not an error), so that the kernel and the free list agree.
+            saved._finalizer.detach()
             self._release_slot(saved.slot)
             raise
+        failed = next((c for c in codes if c), 0)
+        if failed:
+            message = f"{self.kernel.rendered.prefix}_backward: {self.kernel.error(failed)} (code {failed})"
+            if all(c == ERR_BUSY for c in codes):   # refused before anything ran
+                raise KernelError(message + "; nothing ran and the saved forward is kept: retry", failed)
+            saved._finalizer.detach()
+            try:
+                raise KernelError(message, failed)
+            finally:   # a release that fails too raises its error, with this one as its context
+                self._release_slot(saved.slot)
+        saved._finalizer.detach()  # consumed: this backward gave the slot back
         self._release_slot(saved.slot, kernel_released=True)
         for name, parts in summed.items():
             lora_grads[name] = self._merge(parts).astype(lora_dtype(spec))
@@ -481,23 +560,35 @@ class MoE:
             out.append([(ptrs[i], int(sizes[i]), int(per[i])) for i in range(12)])
         return out
 
-    def save_packed(self, path) -> None:
+    def save_packed(self, path, metadata: dict[str, str] | None = None) -> None:
         """Write the base weights, as the kernels hold them, to a packed weight file
-        (docs/design.md#packed-weight-files) that MoE.from_packed maps."""
+        (docs/design.md#packed-weight-files) that MoE.from_packed maps. metadata: more string
+        entries for the file's metadata (`ktgen pack` records the layer and its checkpoint)."""
+        with self._running():
+            self._save_packed(path, metadata)
+
+    def _save_packed(self, path, metadata: dict[str, str] | None) -> None:
         views = self._packed_views()
         buffers = [(packed.buffer_name(p, i), ptr, n)
                    for p, bufs in enumerate(views) for i, (ptr, n, _) in enumerate(bufs) if n]
         per_expert = [[pe for _, _, pe in bufs] for bufs in views]
-        packed.write(path, buffers, packed.metadata(self.spec, self.packed_layout, self.kernel.isa, per_expert))
+        meta = packed.metadata(self.spec, self.packed_layout, self.kernel.isa, per_expert)
+        extra = dict(metadata or {})
+        clash = sorted(set(extra) & (set(meta) | {packed.DIGEST}))
+        if clash or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise ValueError(f"metadata: expected str -> str entries other than ktgen's own "
+                             f"({', '.join(sorted(meta))}), got {clash or extra}")
+        packed.write(path, buffers, {**meta, **extra})
 
     def base_weights(self) -> tuple:
         """gate, up [E, I, H] and down [E, H, I] exactly as the kernels compute with them, in
         docs/design.md#base-weight-formats: bf16 arrays, or QuantizedWeights (a copy; what
         MoE(spec, *moe.base_weights()) rebuilds the same layer from, on any tier)."""
         ffi = self.kernel.ffi
-        parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n, _ in bufs]
-                 for bufs in self._packed_views()]
-        return tuple(_copy(w) for w in packed.unpack(parts, packed.layout_params(self.packed_layout)))
+        with self._running():
+            parts = [[None if n == 0 else np.frombuffer(ffi.buffer(ptr, n), np.uint8) for ptr, n, _ in bufs]
+                     for bufs in self._packed_views()]
+            return tuple(_copy(w) for w in packed.unpack(parts, packed.layout_params(self.packed_layout)))
 
     def dequantized(self, name: str) -> np.ndarray:
         """The base weights the kernels compute with, as float32 (gate/up [E,I,H], down [E,H,I])."""
@@ -506,8 +597,9 @@ class MoE:
             raise ValueError(f"name: expected one of gate, up, down, got {name!r}")
         E, H, I = self.spec.expert_num, self.spec.hidden_size, self.spec.intermediate_size
         out = np.empty((E, H, I) if name == "down" else (E, I, H), np.float32)
-        for part in self._parts:
-            self._call("dequantize", part, which[name], self._ptr(out, "float *"))
+        with self._running():
+            for part in self._parts:
+                self._call("dequantize", part, which[name], self._ptr(out, "float *"))
         return out
 
     def memory(self) -> dict[str, int]:
@@ -524,5 +616,15 @@ class MoE:
                 "total": weights + workspace + cache}
 
     def close(self) -> None:
-        for runner in self._runners or ():
-            runner.shutdown()
+        """Free the kernels' contexts (weights, slots, workspace) and threads, once a running
+        call is done; every later call raises MoEClosedError. Closing twice does nothing."""
+        with self._call_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for runner in self._runners or ():
+                runner.shutdown()
+            for part in self._parts:
+                self.kernel.ffi.release(part)   # its destroy runs now
+            self._parts = []
+            self._mapped = None

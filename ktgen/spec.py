@@ -92,6 +92,13 @@ class _SpecModel(BaseModel, metaclass=_SpecMeta):
         except ValidationError as err:
             raise _spec_error(err) from None
 
+    @classmethod
+    def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any):
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as err:
+            raise _spec_error(err) from None
+
 
 class QuantSpec(_SpecModel):
     """How the frozen base weights are stored (docs/design.md#base-weight-formats)."""

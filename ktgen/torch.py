@@ -72,7 +72,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import adapters, checkpoint as _checkpoint, formats as _formats, packed as _packed
+from . import adapters, checkpoint as _checkpoint, files as _files, formats as _formats, packed as _packed
 from .runtime import LORA_NAMES, LoRAWeights, MoE, SavedForward, bfloat16 as _np_bf16
 from .spec import MoESpec, load_spec
 
@@ -440,17 +440,26 @@ class KTMoE(nn.Module):
     @torch.no_grad()
     def load_lora(self, lora) -> None:
         """Copy LoRA values (a ktgen.LoRAWeights or a mapping name -> tensor/array) into the
-        parameters, in place."""
+        parameters, in place: all six are checked (present, floating point, of the parameters'
+        shapes) before any is written."""
         if self.spec.lora is None:
             raise ValueError(f"lora: spec {self.spec.name} has no LoRA (lora: null)")
+        values = {}
         for name in LORA_NAMES:
+            if not isinstance(lora, LoRAWeights) and name not in lora:
+                raise ValueError(f"lora: no {name} (expected {', '.join(LORA_NAMES)})")
             src = getattr(lora, name) if isinstance(lora, LoRAWeights) else lora[name]
             if isinstance(src, np.ndarray):
                 src = _from_np(np.ascontiguousarray(src))
+            if not isinstance(src, torch.Tensor) or not src.is_floating_point():
+                raise ValueError(f"lora.{name}: expected a floating-point tensor or array, got "
+                                 f"{getattr(src, 'dtype', type(src).__name__)}")
             p = getattr(self, name)
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"lora.{name}: expected shape {tuple(p.shape)}, got {tuple(src.shape)}")
-            p.copy_(src)
+            values[name] = src
+        for name, src in values.items():
+            getattr(self, name).copy_(src)
 
     def _current_lora_key(self) -> tuple:
         return tuple((p.data_ptr(), p.dtype, tuple(p.shape), p.stride(), p.device.type)
@@ -562,48 +571,67 @@ class KTMoE(nn.Module):
                              config: Mapping | None = None, *, experts: range | None = None,
                              expert_num: int | None = None) -> None:
         """Load this layer's LoRA from a PEFT state dict (keys as `peft_state_dict` writes them,
-        or as PEFT itself trains them with a shared A), in place. With `config` (the
-        adapter_config dict), its ranks and alphas must give this spec's scale. experts,
-        expert_num: the state dict is of a layer of expert_num experts, of which this one holds
-        `experts` (ExpertParallelMoE)."""
+        or as PEFT itself trains them with a shared A), in place; see peft_lora."""
+        self.load_lora(self.peft_lora(state_dict, prefix, config, experts=experts, expert_num=expert_num))
+
+    def peft_lora(self, state_dict: Mapping[str, torch.Tensor], prefix: str, config: Mapping | None = None,
+                  *, experts: range | None = None, expert_num: int | None = None) -> dict[str, np.ndarray]:
+        """This layer's six LoRA matrices from a PEFT state dict, checked (keys, 2-D floating
+        tensors, expert count, ranks, shapes) and nothing written. With `config` (the
+        adapter_config dict, adapters.check_config), its ranks and alphas must give this
+        spec's scale. experts, expert_num: the state dict is of a layer of expert_num experts,
+        of which this one holds `experts` (ExpertParallelMoE)."""
         spec = self.spec
         if spec.lora is None:
             raise ValueError(f"spec {spec.name} has no LoRA (lora: null): nothing to load")
         keys = adapters.peft_keys(prefix)
         missing = [v for v in keys.values() if v not in state_dict]
         if missing:
-            raise KeyError(f"adapter has no {', '.join(missing)} (expected for experts at {prefix!r})")
+            raise ValueError(f"adapter has no {', '.join(missing)} (expected for experts at {prefix!r})")
         arrays = {}
         for k, key in keys.items():
-            t = state_dict[key].detach().cpu().contiguous()
-            arrays[k] = _np_view(t)
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+                raise ValueError(f"{key}: expected a 2-D floating-point tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            arrays[k] = _np_view(t.detach().cpu().contiguous())
         E, r = (spec.expert_num if expert_num is None else expert_num), spec.lora.rank
-        if config is not None:
-            # PEFT's tensors are [E' * r', in] and [out, r' * E']: with the adapter's rank r' from
-            # its config, a different expert count E' shows as such, not as a rank mismatch.
-            for param in (adapters.GATE_UP, adapters.DOWN):
+        for param in (adapters.GATE_UP, adapters.DOWN):
+            rows = arrays[f"{param}.lora_A"].shape[0]
+            if config is not None:
+                # PEFT's tensors are [E' * r', in] and [out, r' * E']: with the adapter's rank r' from
+                # its config, a different expert count E' shows as such, not as a rank mismatch.
                 key = f"{prefix}.{param}"
                 rank = adapters._pattern_value(config.get("rank_pattern"), key, config.get("r", 8))
-                rows = arrays[f"{param}.lora_A"].shape[0]
-                if rank and rows % rank == 0 and rows // rank != E:
+                if rows % rank == 0 and rows // rank != E:
                     raise ValueError(
                         f"{key}: the adapter was trained for {rows // rank} experts (lora_A has "
                         f"{rows} rows at rank {rank}), this KTMoE has expert_num = {E}: an adapter "
                         f"of another model")
+            if rows == 0 or rows % E:
+                raise ValueError(f"{prefix}.{param}: lora_A has {rows} rows, not a positive multiple of "
+                                 f"expert_num = {E}")
         if config is not None:
-            for param, a_key in ((adapters.GATE_UP, f"{adapters.GATE_UP}.lora_A"),
-                                 (adapters.DOWN, f"{adapters.DOWN}.lora_A")):
-                rank = arrays[a_key].shape[0] // E
+            for param in (adapters.GATE_UP, adapters.DOWN):
+                rank = arrays[f"{param}.lora_A"].shape[0] // E
                 got = adapters.module_scale(config, f"{prefix}.{param}", rank)
                 if not math.isclose(got, spec.lora.scale, rel_tol=1e-6):
                     raise ValueError(
                         f"{prefix}.{param}: the adapter's scaling is {got:g} (rank {rank}), this "
                         f"KTMoE's spec has lora scale {spec.lora.scale:g} (rank {r}, alpha "
                         f"{spec.lora.alpha:g}, use_rslora {spec.lora.use_rslora})")
-        lora = adapters.from_peft(arrays, E, r)
+        try:
+            lora = adapters.from_peft(arrays, E, r)
+        except ValueError as err:
+            raise ValueError(f"{prefix}.{err}") from None
         if experts is not None:
             lora = {n: a[experts.start:experts.stop] for n, a in lora.items()}
-        self.load_lora(lora)
+        for name, shape in LoRAWeights.shapes(spec).items():
+            if lora[name].shape != shape:
+                raise ValueError(f"{prefix}: the adapter's {name} is {lora[name].shape}, this KTMoE's is "
+                                 f"{shape} (hidden_size {spec.hidden_size}, intermediate_size "
+                                 f"{spec.intermediate_size})")
+        return lora
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -655,30 +683,39 @@ def save_adapter(model: nn.Module, save_directory, *, prefix: str = "",
     out = Path(save_directory)
     if any(isinstance(m, ExpertParallelMoE) and m.rank != 0 for _, m in layers):
         return out   # rank 0 writes the whole adapter
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / adapters.WEIGHTS_NAME), metadata={"format": "pt"})
+    with _files.atomic_path(out / adapters.WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = adapters.peft_config(layers[0][1].spec.lora, [p for p, _ in layers], base_model_name_or_path)
-    (out / adapters.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _files.write_atomic(out / adapters.CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
 def load_adapter(model: nn.Module, directory, *, prefix: str = "") -> dict[str, list[str]]:
     """Load a PEFT adapter (as `save_adapter` or PEFT writes it for expert target_parameters)
-    into every KTMoE of `model`, in place. Returns {"loaded": layer paths, "unexpected": keys
-    of the file that no KTMoE took (e.g. attention adapters)}."""
+    into every KTMoE of `model`, in place: every layer's LoRA is read and checked (the config,
+    keys, shapes, dtypes, expert counts, scales) before any parameter is written, so that a
+    refused adapter leaves the model as it was. Returns {"loaded": layer paths, "unexpected":
+    keys of the file that no KTMoE took (e.g. attention adapters)}."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / adapters.CONFIG_NAME).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{directory}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
-    state = load_file(str(directory / adapters.WEIGHTS_NAME))
+    config_path = directory / adapters.CONFIG_NAME
+    config = adapters.check_config(_files.read_json(config_path, ValueError, "adapter config"), str(config_path))
+    weights = _files.file_in(directory, adapters.WEIGHTS_NAME, ValueError, "adapter")
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as err:
+        raise ValueError(f"{weights}: not a safetensors file ({err})") from None
     used: set[str] = set()
     loaded = []
+    ready = []
     for path, layer in _ktmoe_layers(model, prefix):
-        layer.load_peft_state_dict(state, path, config)
+        ready.append((layer, layer.peft_lora(state, path, config)))
         used.update(adapters.peft_keys(path).values())
         loaded.append(path)
+    for layer, lora in ready:   # every layer checked: now write them all
+        layer.load_lora(lora)
     unexpected = sorted(set(state) - used)
     for key in unexpected:  # e.g. attention LoRA: not ktgen's to load, and never dropped silently
         logger.warning("ktgen.torch.load_adapter: %s: ignoring %s (no KTMoE of the model takes it)",
@@ -994,13 +1031,7 @@ def _lora_spec_fields(lora) -> dict | None:
             out["alpha"] = float(out["alpha"])
         return out
     if type(lora).__name__ == "LoraConfig":
-        bad = []
-        if getattr(lora, "lora_dropout", 0.0):
-            bad.append(f"lora_dropout = {lora.lora_dropout} (ktgen's LoRA has no dropout)")
-        if getattr(lora, "use_dora", False):
-            bad.append("use_dora = True")
-        if getattr(lora, "bias", "none") != "none" or getattr(lora, "lora_bias", False):
-            bad.append("a LoRA bias")
+        bad = adapters.inexact_features(lambda field, default: getattr(lora, field, default))
         if getattr(lora, "init_lora_weights", True) is not True:
             bad.append(f"init_lora_weights = {lora.init_lora_weights!r} (ktgen initialises as PEFT's "
                        f"default, True)")
@@ -1034,33 +1065,27 @@ def _moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class _ExpertsSource:
     """patch_model's checkpoint=: a Hugging Face checkpoint directory, or a `ktgen pack` output
-    directory (its ktgen-pack.json names the checkpoint it came from)."""
+    directory (its ktgen-pack.json names the checkpoint it came from, checked against it)."""
 
     def __init__(self, directory):
         directory = Path(directory)
-        index = directory / _checkpoint.PACK_INDEX
-        self.pack = json.loads(index.read_text()) if index.exists() else None
+        self.pack = _checkpoint.PackIndex.read(directory)
         self.directory = directory
         self.renames: dict[str, str] = {}   # a model block's path -> its name in the checkpoint
-        if self.pack is not None:
-            if self.pack.get("format") != "ktgen-pack" or self.pack.get("version") != "1":
-                raise ValueError(f"checkpoint: {index} is not a ktgen-pack index of version 1")
-            origin = Path(self.pack.get("checkpoint", ""))
-            self.hf = _checkpoint.Checkpoint(origin) if (origin / "config.json").exists() else None
-        else:
-            self.hf = _checkpoint.Checkpoint(directory)
+        self.hf = self.pack.source() if self.pack is not None else _checkpoint.Checkpoint(directory)
 
     def layer(self, module_path: str, quant: dict, experts: nn.Module):
         """(weights for from_hf_experts, the spec's quant fields) of one experts module."""
-        layers = self.pack["layers"] if self.pack is not None else self.hf.layers
+        layers = self.pack.layers if self.pack is not None else self.hf.layers
         prefix = _checkpoint.match_prefix(module_path, layers, self.directory)
         self.renames[module_path.rsplit(".", 1)[0]] = prefix
         if self.pack is not None:
-            path = self.directory / layers[prefix]["file"]
-            q = _packed.PackedFile(path).spec.quant.model_dump()
+            f = self.pack.layer_file(prefix)
+            q = f.spec.quant.model_dump()
+            f.close()
             if quant.get("mode", q["mode"]) != q["mode"]:
                 raise ValueError(f"quant: {self.directory} holds {q['mode']} experts, not {quant['mode']}")
-            return _PackedFile(path), q
+            return _PackedFile(f.path), q
         keys = layers[prefix]
         mode = quant.get("mode") or self.hf.layer_format(keys)
         weights = self.hf.load_layer(keys, mode, group_size=quant.get("group_size"),

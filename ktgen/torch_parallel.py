@@ -241,5 +241,15 @@ class ExpertParallelMoE(nn.Module):
     def load_peft_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
                              config: Mapping | None = None) -> None:
         """This rank's experts' LoRA from a whole layer's PEFT state dict (load_adapter)."""
-        self.local.load_peft_state_dict(state_dict, prefix, config, experts=self.experts,
-                                        expert_num=self.spec.expert_num)
+        self.load_lora(self.peft_lora(state_dict, prefix, config))
+
+    def peft_lora(self, state_dict: Mapping[str, torch.Tensor], prefix: str,
+                  config: Mapping | None = None) -> dict:
+        """This rank's experts' six LoRA matrices from a whole layer's PEFT state dict, checked,
+        nothing written (KTMoE.peft_lora)."""
+        return self.local.peft_lora(state_dict, prefix, config, experts=self.experts,
+                                    expert_num=self.spec.expert_num)
+
+    def load_lora(self, lora) -> None:
+        """This rank's experts' LoRA values, in place (KTMoE.load_lora)."""
+        self.local.load_lora(lora)

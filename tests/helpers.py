@@ -5,10 +5,15 @@ Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import functools
+import os
+import re
 import subprocess
+from dataclasses import dataclass
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import ktgen
 from ktgen import isa
@@ -277,3 +282,125 @@ def pack_compressed_tensors(q):
     for i in range(8):
         out |= u[:, i::8] << np.uint32(4 * i)
     return out.view(np.int32)
+
+
+# ---- the small specs of the reliability tests (compiled once a session) ----
+
+def rel_spec(tp=1):
+    """E=4, k=2, H=64, I=64, max_len 16: LoRA rank 4 float32 (tp 1) or bfloat16 (tp 2)."""
+    return ktgen.MoESpec(name="rel_small", expert_num=4, num_experts_per_tok=2, hidden_size=64,
+                         intermediate_size=64, max_len=16, tp_count=tp,
+                         lora=dict(rank=4, dtype="float32" if tp == 1 else "bfloat16"))
+
+
+# ---- tables of cases: every bad input and what it gets (docs/bad_inputs.md, docs/bad_files.md) ----
+
+@dataclass
+class Case:
+    id: str
+    what: str                         # the bad input, in words
+    raises: type | None               # None: no exception
+    fragment: str                     # in the message (… = any text); or the outcome if nothing is raised
+    run: Callable
+
+    @property
+    def result(self) -> str:
+        if self.raises is None:
+            return "no exception"
+        mod = "ktgen." if self.raises.__module__.startswith("ktgen") else ""
+        return f"{mod}{self.raises.__name__}"
+
+
+def case_list():
+    """(cases, case): a list of Cases and the decorator `case(id, what, raises, fragment)` that
+    appends the function it decorates (called with the test's context) to it."""
+    cases: list[Case] = []
+
+    def case(id, what, raises, fragment):
+        def deco(fn):
+            cases.append(Case(id, what, raises, fragment, fn))
+            return fn
+        return deco
+    return cases, case
+
+
+def matches(fragment: str, message: str) -> bool:
+    """The fragment is in the message; `…` in a fragment stands for any text."""
+    return re.search(".*?".join(re.escape(p) for p in fragment.split("…")), message, re.S) is not None
+
+
+def run_case(c: Case, ctx) -> None:
+    """Run a case: it raises exactly its exception with its fragment, or nothing."""
+    if c.raises is None:
+        c.run(ctx)
+        return
+    with pytest.raises(c.raises) as info:
+        c.run(ctx)
+    assert type(info.value) is c.raises, f"{type(info.value).__name__}: {info.value}"
+    assert matches(c.fragment, str(info.value)), f"{c.fragment!r} not in {str(info.value)!r}"
+
+
+def _escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _unescape(s: str) -> str:
+    s = s.replace("\\|", "|")
+    return s[1:-1] if s.startswith("`") and s.endswith("`") else s
+
+
+def doc_rows(text: str) -> dict[str, tuple[str, str]]:
+    """id -> (result, fragment) of every table row of a cases document."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\| `([^`]+)` \| (.*) \| (.*) \| (.*) \|", line.strip())
+        if m:
+            assert m.group(1) not in rows, f"row {m.group(1)} twice"
+            rows[m.group(1)] = (m.group(3).strip().strip("`"), _unescape(m.group(4).strip()))
+    return rows
+
+
+def table(cases: list[Case]) -> str:
+    rows = [f"| `{c.id}` | {_escape(c.what)} | `{c.result}` | `{_escape(c.fragment)}` |"
+            if c.raises is not None else
+            f"| `{c.id}` | {_escape(c.what)} | {c.result} | {_escape(c.fragment)} |"
+            for c in cases]
+    return "| id | bad input | result | message contains |\n| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n"
+
+
+def check_cases_doc(cases: list[Case], doc) -> None:
+    """The document has exactly the cases' rows, with their results and fragments."""
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"[a-z0-9_.\-]+", i) for i in ids), ids
+    rows = doc_rows(doc.read_text())
+    missing = [c.id for c in cases if c.id not in rows]
+    extra = sorted(set(rows) - set(ids))
+    assert not missing and not extra, f"{doc.name}: missing rows {missing}, unknown rows {extra}"
+    for c in cases:
+        assert rows[c.id] == (c.result, c.fragment), (c.id, rows[c.id], (c.result, c.fragment))
+
+
+# ---- sanitized subprocesses (tests/test_sanitize.py, tests/test_fuzz_files.py) ----
+
+def libasan() -> str | None:
+    cc = os.environ.get("KTGEN_CC") or os.environ.get("CC") or "cc"
+    try:
+        out = subprocess.run([cc.split()[0], "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except OSError:
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def sanitized_env(kernel_cache: str, repo) -> dict:
+    """The environment of a subprocess whose kernels run under ASan and UBSan: the ASan runtime
+    preloaded (it must be first), every kernel built with -fsanitize=address,undefined."""
+    asan = libasan()
+    assert asan, "the C compiler has no libasan.so (Debian: apt-get install libasan8 / gcc)"
+    env = dict(os.environ)
+    env.pop("KTGEN_ISA", None)
+    env.update(LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1",
+               KTGEN_SANITIZE="address,undefined", KTGEN_CACHE_DIR=kernel_cache,
+               PYTHONPATH=os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p))
+    return env

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 if __name__ == "__main__":  # `python tests/test_bad_inputs.py` prints the docs table
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,19 +31,14 @@ import pytest
 import ktgen
 from ktgen import compiler, quant
 from ktgen import reference as ref
-from helpers import LORA_NAMES
+from helpers import LORA_NAMES, case_list, check_cases_doc, rel_spec, run_case, table
 
 bf16 = np.dtype(ml_dtypes.bfloat16)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
 T = 4
 
 
-# ---- the specs: the same definition as in test_concurrency.py (compiles once a session) ----
-
-def rel_spec():
-    return ktgen.MoESpec(name="rel_small", expert_num=4, num_experts_per_tok=2, hidden_size=64,
-                         intermediate_size=64, max_len=16, lora=dict(rank=4, dtype="float32"))
-
+# ---- the specs (rel_spec: helpers, compiled once a session) ----
 
 def nolora_spec():
     return ktgen.MoESpec(name="rel_nolora", expert_num=2, num_experts_per_tok=1, hidden_size=32,
@@ -78,30 +72,7 @@ class Ctx:
     tmp_path: Path
 
 
-@dataclass
-class Case:
-    id: str
-    what: str                         # the bad input, in words
-    raises: type | None               # None: no exception
-    fragment: str                     # in the message (… = any text); or the outcome if nothing is raised
-    run: Callable[[Ctx], object]
-
-    @property
-    def result(self) -> str:
-        if self.raises is None:
-            return "no exception"
-        mod = "ktgen." if self.raises.__module__.startswith("ktgen") else ""
-        return f"{mod}{self.raises.__name__}"
-
-
-CASES: list[Case] = []
-
-
-def case(id, what, raises, fragment):
-    def deco(fn):
-        CASES.append(Case(id, what, raises, fragment, fn))
-        return fn
-    return deco
+CASES, case = case_list()
 
 
 # ---- every array argument: wrong dtype, shape, contiguity ----
@@ -596,6 +567,148 @@ def _(ctx):
     ktgen.compile(fresh_spec("rel_sanitize"))
 
 
+# ---- concurrent calls and a closed MoE ----
+
+def _closed_moe(tp):
+    e = _ENV
+    spec = rel_spec(tp)
+    lora = ktgen.LoRAWeights.random(spec, np.random.default_rng(tp), 0.1)
+    return ktgen.MoE(spec, *e.weights, lora), lora
+
+
+CLOSED_CALLS = {   # name -> the call on a closed MoE (the test's context, a saved forward, a LoRA)
+    "forward": lambda m, c, saved, lora: m.forward(c.env.x, c.env.ids, c.env.rw),
+    "forward_train": lambda m, c, saved, lora: m.forward_train(c.env.x, c.env.ids, c.env.rw),
+    "backward": lambda m, c, saved, lora: m.backward(saved, c.env.go),
+    "set_lora": lambda m, c, saved, lora: m.set_lora(lora),
+    "dequantized": lambda m, c, saved, lora: m.dequantized("gate"),
+    "base_weights": lambda m, c, saved, lora: m.base_weights(),
+    "save_packed": lambda m, c, saved, lora: m.save_packed(c.tmp_path / "closed.safetensors"),
+}
+
+
+def _closed(name, tp):
+    def run(ctx):
+        moe, lora = _closed_moe(tp)
+        _, saved = moe.forward_train(ctx.env.x, ctx.env.ids, ctx.env.rw)
+        moe.close()
+        moe.close()   # twice: nothing more
+        try:
+            CLOSED_CALLS[name](moe, ctx, saved, lora)
+        finally:
+            assert not saved.consumed   # the refused call did not take it
+    return run
+
+
+for _tp in (1, 2):
+    for _name in CLOSED_CALLS:
+        case(f"closed-{_name}-tp{_tp}", f"`{_name}` after `close()` (tp_count {_tp})", ktgen.MoEClosedError,
+             "MoE of spec rel_small is closed")(_closed(_name, _tp))
+
+
+@case("backward-refused-busy", "backward that every context refuses as busy (ERR_BUSY: another caller "
+      "of the C API on the same context)", ktgen.KernelError,
+      "another call is running on this context (a context runs one call at a time) (code 12); nothing ran "
+      "and the saved forward is kept: retry")
+def _(ctx):
+    e = ctx.env
+    want_out, want_saved = e.moe.forward_train(e.x, e.ids, e.rw)
+    want = e.moe.backward(want_saved, e.go)
+    out, saved = e.moe.forward_train(e.x, e.ids, e.rw)
+    real = e.moe.kernel.fn
+    ctx.monkeypatch.setattr(e.moe.kernel, "fn", lambda name: (lambda *a: 12) if name == "backward" else real(name))
+    try:
+        e.moe.backward(saved, e.go)
+    finally:
+        ctx.monkeypatch.undo()
+        assert not saved.consumed
+        grads = e.moe.backward(saved, e.go)   # the retry: the same gradients as the first backward
+        assert np.array_equal(grads.input.view(np.uint16), want.input.view(np.uint16))
+        assert np.array_equal(grads.gate_a, want.gate_a)
+
+
+@case("backward-beside-forward", "backwards in one thread while another thread runs forwards on the "
+      "same MoE", None, "each call waits for the other: every backward succeeds with the gradients of "
+      "one thread alone, every forward its output")
+def _(ctx):
+    e = ctx.env
+    want_out = e.moe.forward(e.x, e.ids, e.rw).view(np.uint16).copy()
+    _, s0 = e.moe.forward_train(e.x, e.ids, e.rw)
+    want = e.moe.backward(s0, e.go).input.view(np.uint16).copy()
+    stop, bad = threading.Event(), []
+
+    def forwards():
+        while not stop.is_set():
+            if not np.array_equal(e.moe.forward(e.x, e.ids, e.rw).view(np.uint16), want_out):
+                bad.append("forward")
+
+    t = threading.Thread(target=forwards)
+    t.start()
+    try:
+        for _ in range(50):
+            _, saved = e.moe.forward_train(e.x, e.ids, e.rw)
+            if not np.array_equal(e.moe.backward(saved, e.go).input.view(np.uint16), want):
+                bad.append("backward")
+    finally:
+        stop.set()
+        t.join()
+    assert not bad, bad
+
+
+@case("set_lora-during-forward", "set_lora in one thread while another runs forwards (tp_count 2)", None,
+      "set_lora waits for the running forward: every output is that of one LoRA or the other")
+def _(ctx):
+    e = ctx.env
+    moe, lora_a = _closed_moe(2)
+    lora_b = ktgen.LoRAWeights.random(moe.spec, np.random.default_rng(9), 0.3)
+    want = []
+    for lw in (lora_a, lora_b):
+        moe.set_lora(lw)
+        want.append(moe.forward(e.x, e.ids, e.rw).view(np.uint16).copy())
+    assert not np.array_equal(*want)
+    stop = threading.Event()
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            moe.set_lora((lora_a, lora_b)[i % 2])
+            i += 1
+
+    t = threading.Thread(target=swap)
+    t.start()
+    try:
+        outs = [moe.forward(e.x, e.ids, e.rw).view(np.uint16) for _ in range(200)]
+    finally:
+        stop.set()
+        t.join()
+    assert all(np.array_equal(o, want[0]) or np.array_equal(o, want[1]) for o in outs)
+    moe.close()
+
+
+@case("cache-clear-during-hit", "`ktgen cache clear` between a cache hit's manifest check and its import",
+      None, "the hit is taken as a miss: the entry is rebuilt and the compile succeeds")
+def _(ctx):
+    import subprocess
+    cache = ctx.tmp_path / "cache"
+    ctx.monkeypatch.setenv("KTGEN_CACHE_DIR", str(cache))
+    spec = fresh_spec("rel_cache_race").replace(isa="generic")
+    # built by another process, so that this one has not loaded the module yet
+    subprocess.run([sys.executable, "-c", f"import ktgen; ktgen.compile(ktgen.MoESpec.model_validate_json("
+                    f"{spec.model_dump_json()!r}))"], check=True, env={**__import__("os").environ})
+    real, imports = compiler._import, []
+
+    def racing(name, path):
+        if not imports:
+            assert compiler.clear_cache()[0] == 1   # the entry goes after the manifest was read
+        imports.append(path)
+        return real(name, path)
+
+    ctx.monkeypatch.setattr(compiler, "_import", racing)
+    kernel = ktgen.compile(spec)
+    assert kernel.compiled and len(imports) == 2
+    assert kernel.error(12).startswith("another call is running")
+
+
 # ---- the tests ----
 
 _ENV: Env | None = None
@@ -624,55 +737,12 @@ def env():
 
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
-def test_bad_input(c: Case, env, monkeypatch, tmp_path):
-    ctx = Ctx(env, monkeypatch, tmp_path)
-    if c.raises is None:
-        c.run(ctx)
-        return
-    with pytest.raises(c.raises) as info:
-        c.run(ctx)
-    assert type(info.value) is c.raises, f"{type(info.value).__name__}: {info.value}"
-    assert matches(c.fragment, str(info.value)), f"{c.fragment!r} not in {str(info.value)!r}"
-
-
-def matches(fragment: str, message: str) -> bool:
-    """The fragment is in the message; `…` in a fragment stands for any text."""
-    return re.search(".*?".join(re.escape(p) for p in fragment.split("…")), message, re.S) is not None
-
-
-def test_case_ids_are_unique():
-    ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids))
-    assert all(re.fullmatch(r"[a-z0-9_.\-]+", i) for i in ids), ids
-
-
-def doc_rows(text: str) -> dict[str, tuple[str, str]]:
-    """id -> (result, fragment) of every table row of docs/bad_inputs.md."""
-    rows = {}
-    for line in text.splitlines():
-        m = re.fullmatch(r"\| `([^`]+)` \| (.*) \| (.*) \| (.*) \|", line.strip())
-        if m:
-            assert m.group(1) not in rows, f"row {m.group(1)} twice"
-            rows[m.group(1)] = (m.group(3).strip().strip("`"), unescape(m.group(4).strip()))
-    return rows
-
-
-def escape(s: str) -> str:
-    return s.replace("|", "\\|")
-
-
-def unescape(s: str) -> str:
-    s = s.replace("\\|", "|")
-    return s[1:-1] if s.startswith("`") and s.endswith("`") else s
+def test_bad_input(c, env, monkeypatch, tmp_path):
+    run_case(c, Ctx(env, monkeypatch, tmp_path))
 
 
 def test_docs_table_matches_cases():
-    rows = doc_rows(DOC.read_text())
-    missing = [c.id for c in CASES if c.id not in rows]
-    extra = sorted(set(rows) - {c.id for c in CASES})
-    assert not missing and not extra, f"docs/bad_inputs.md: missing rows {missing}, unknown rows {extra}"
-    for c in CASES:
-        assert rows[c.id] == (c.result, c.fragment), (c.id, rows[c.id], (c.result, c.fragment))
+    check_cases_doc(CASES, DOC)
 
 
 def render_doc() -> str:
@@ -683,7 +753,8 @@ and a fragment of its message (`…` stands for any text). One row per case; eac
 is one test of `tests/test_bad_inputs.py` (`test_bad_input[<id>]`), and
 `test_docs_table_matches_cases` checks that this table and the test's `CASES` list agree row
 for row. Regenerate the table with
-`python tests/test_bad_inputs.py > docs/bad_inputs.md`.
+`python tests/test_bad_inputs.py > docs/bad_inputs.md`. The files ktgen reads (packed weight
+files, pack directories, checkpoints, adapters) have their own table: `docs/bad_files.md`.
 
 General rules (docs/design.md#the-python-api): every array argument must be a C-contiguous NumPy array of the
 stated dtype and shape, else `ValueError` naming the argument, what it expected and what it got.
@@ -697,14 +768,8 @@ T=4); a wrong dtype is float32 for a bf16 array (float64 for a float32 one, floa
 `expert_ids`), a wrong shape has one extra column, a non-contiguous array is every other column
 of a twice-as-wide one.
 
-| id | bad input | result | message contains |
-| --- | --- | --- | --- |
 """
-    rows = [f"| `{c.id}` | {escape(c.what)} | `{c.result}` | `{escape(c.fragment)}` |"
-            if c.raises is not None else
-            f"| `{c.id}` | {escape(c.what)} | {c.result} | {escape(c.fragment)} |"
-            for c in CASES]
-    return head + "\n".join(rows) + "\n"
+    return head + table(CASES)
 
 
 if __name__ == "__main__":

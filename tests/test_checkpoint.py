@@ -172,9 +172,20 @@ def test_checkpoint_problems_are_named(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="is not a directory"):
         patch_model(empty(cfg, cls), checkpoint=tmp_path / "nowhere", progress=False)
     assert cli(["pack", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"]) == 2
-    # packed files whose checkpoint is gone: the empty model's other tensors are named
     assert cli(["pack", str(tmp_path / "ckpt"), str(tmp_path / "packed"), "--quiet"]) == 0
     index = json.loads((tmp_path / "packed" / checkpoint.PACK_INDEX).read_text())
+    # the index and every file record what they were made from; patch_model checks them
+    assert index["checkpoint_id"] == checkpoint.Checkpoint(tmp_path / "ckpt").identity
+    for prefix, entry in index["layers"].items():
+        meta = ktgen.packed.PackedFile(tmp_path / "packed" / entry["file"]).metadata
+        assert (meta["layer"], meta["checkpoint_id"]) == (prefix, index["checkpoint_id"])
+    swapped = json.loads(json.dumps(index))
+    (a, ea), (b, eb) = swapped["layers"].items()
+    ea["file"], eb["file"] = eb["file"], ea["file"]
+    (tmp_path / "packed" / checkpoint.PACK_INDEX).write_text(json.dumps(swapped))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"holds layer '{b}' .* names it for layer '{a}'"):
+        patch_model(empty(cfg, cls), checkpoint=tmp_path / "packed", progress=False)
+    # packed files whose checkpoint is gone: the empty model's other tensors are named
     index["checkpoint"] = str(tmp_path / "gone")
     (tmp_path / "packed" / checkpoint.PACK_INDEX).write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"tensors \(model.embed_tokens.weight, .* names no checkpoint"):

@@ -17,21 +17,10 @@ import threading
 import numpy as np
 
 import ktgen
-from helpers import LORA_NAMES, make_inputs, make_weights
+from helpers import LORA_NAMES, make_inputs, make_weights, rel_spec
 
 N_THREADS = 4
 STEPS = 12
-
-
-# The small specs of the reliability tests (the same definition in test_bad_inputs.py,
-# so that it compiles once a session).
-def rel_spec(tp=1):
-    if tp == 1:
-        return ktgen.MoESpec(name="rel_small", expert_num=4, num_experts_per_tok=2, hidden_size=64,
-                             intermediate_size=64, max_len=16, lora=dict(rank=4, dtype="float32"))
-    return ktgen.MoESpec(name="rel_small", expert_num=4, num_experts_per_tok=2, hidden_size=64,
-                         intermediate_size=64, max_len=16, tp_count=2,
-                         lora=dict(rank=4, dtype="bfloat16"))
 
 
 def build(spec, seed):

@@ -29,7 +29,18 @@ def amx_emulated(monkeypatch):
 def layer(spec, isa=None, seed=0):
     rng = np.random.default_rng(seed)
     lw = ktgen.LoRAWeights.random(spec, rng, std=0.3) if spec.lora else None
-    return ktgen.MoE(spec, *make_weights(spec, rng), lw, isa=isa), lw
+    moe = ktgen.MoE(spec, *make_weights(spec, rng), lw, isa=isa)
+    assert_store_sizes(moe)
+    return moe, lw
+
+
+def assert_store_sizes(moe):
+    """packed.store_sizes, which checks files before any pointer reaches C, gives the kernel's
+    own buffer sizes (and bytes per expert) for its layout: every layer of these tests checks it
+    (each tier's interleaves, int8 quads with their padding, int4 splits, tp_count 2)."""
+    want = packed.store_sizes(packed.layout_params(moe.packed_layout))
+    for bufs in moe._packed_views():
+        assert [(n, per) for _, n, per in bufs] == want, moe.packed_layout
 
 
 def saved_layer(tmp_path, spec):
@@ -162,8 +173,12 @@ def test_int4_files_of_the_earlier_nibble_order_read_back_exactly(tmp_path, mode
     text = data[8:8 + n].decode()
     layout = header["__metadata__"]["layout"]
     assert text.count(json.dumps(layout)) == 1
-    # the same header length: the layout string loses its split field, spaces keep the offsets
+    # the same header length: the layout string loses its split field, spaces keep the offsets;
+    # such files were written before headers had a digest
     text = text.replace(json.dumps(layout), json.dumps(layout.replace(" split=16", "")) + " " * 9)
+    digest = f',"{packed.DIGEST}":"{header["__metadata__"][packed.DIGEST]}"'
+    assert text.count(digest) == 1
+    text = text.replace(digest, " " * len(digest))
     data[8:8 + n] = text.encode()
     earlier = tmp_path / "earlier.safetensors"
     earlier.write_bytes(bytes(data))
@@ -239,3 +254,27 @@ def test_a_run_of_experts_maps_from_the_whole_layers_file(amx_emulated, tmp_path
         assert_same_layer(want, got, sub)
     with pytest.raises(packed.PackedFileError, match="experts: range"):
         ktgen.MoE.from_packed(path, experts=range(4, 6))
+
+
+def test_attach_packed_refuses_buffers_of_another_size(tmp_path):
+    """The C side checks each buffer's byte count too: one byte off (or a buffer the layout has
+    not) returns ERR_PACKED_SIZE and changes nothing; the right sizes attach."""
+    spec = amx_spec("int8", True, 1)
+    src, lw, path = saved_layer(tmp_path, spec)
+    rng = np.random.default_rng(3)
+    x, ids, rw = make_inputs(spec, rng, 9)
+    want = src.forward(x, ids, rw).view(np.uint16).copy()
+    f = packed.PackedFile(path)
+    views = f.views(0)
+    ffi, part, attach = src.kernel.ffi, src._parts[0], src.kernel.fn("attach_packed")
+    ptrs = [ffi.NULL if v is None else src._ptr(v, "void *") for v in views]
+    sizes = [0 if v is None else v.size for v in views]
+    for i in range(12):
+        bad = list(sizes)
+        bad[i] = sizes[i] - 1 if sizes[i] else 64
+        assert attach(part, ptrs, bad) == 13, i
+        assert np.array_equal(src.forward(x, ids, rw).view(np.uint16), want)   # its own storage still
+    assert "byte count" in src.kernel.error(13)
+    assert attach(part, ptrs, sizes) == 0
+    src._mapped = f
+    assert np.array_equal(src.forward(x, ids, rw).view(np.uint16), want)

@@ -25,7 +25,6 @@ KTGEN_TEST_CACHE_DIR is quick.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 
 import ktgen
-from helpers import RUN_TIERS
+from helpers import RUN_TIERS, sanitized_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 2
@@ -228,16 +227,6 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def libasan() -> str | None:
-    cc = os.environ.get("KTGEN_CC") or os.environ.get("CC") or "cc"
-    try:
-        out = subprocess.run([cc.split()[0], "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()
-    except OSError:
-        return None
-    return out if os.path.isabs(out) and os.path.exists(out) else None
-
-
 def combos():
     return [(tier,) + case for tier in SANITIZED_TIERS for case in MODE_CASES]
 
@@ -248,21 +237,10 @@ def expected_lines(tier, mode, lora, tp):
 
 
 def test_sanitized_kernels_are_clean(tmp_path, kernel_cache):
-    asan = libasan()
-    assert asan, "the C compiler has no libasan.so (Debian: apt-get install libasan8 / gcc)"
     script = tmp_path / "sanitize_check.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ)
-    env.pop("KTGEN_ISA", None)
-    env.update(
-        LD_PRELOAD=asan,
-        ASAN_OPTIONS="detect_leaks=0",
-        UBSAN_OPTIONS="print_stacktrace=1",
-        KTGEN_SANITIZE="address,undefined",
-        KTGEN_EMULATE_AMX="1",
-        KTGEN_CACHE_DIR=kernel_cache,
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
-    )
+    env = sanitized_env(kernel_cache, REPO)
+    env["KTGEN_EMULATE_AMX"] = "1"
     all_cases = combos()
     shards = [all_cases[i::SHARDS] for i in range(SHARDS)]
     procs = [subprocess.Popen([sys.executable, str(script), json.dumps(cases)], env=env, cwd=tmp_path,
