@@ -37,7 +37,7 @@ KTGEN="python3 -m ktgen"
 echo "== ktgen info"
 $KTGEN info
 echo "== native tests: amx, avx512bf16 (tiles and lanes against the measured arithmetic, native == emulated)"
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_amx.py tests/test_amx_tiles.py tests/test_avx512bf16.py
+python3 -m pytest -q -rs -p no:cacheprovider tests/tiers/test_amx.py tests/tiers/test_amx_tiles.py tests/tiers/test_avx512bf16.py
 status=$?
 for T in 128 512 2048; do
     for tier in amx avx512bf16 avx512; do

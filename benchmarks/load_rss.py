@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     import torch
     import transformers
 
-    from ktgen.checkpoint import pack
+    from ktgen.pack import pack
 
     transformers.logging.set_verbosity_error()
     layer_bf16 = 3 * args.experts * args.hidden * args.inter * 2

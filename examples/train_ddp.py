@@ -44,7 +44,7 @@ def main(argv=None):
     import accelerate
     import transformers
 
-    from ktgen.checkpoint import pack
+    from ktgen.pack import pack
     from ktgen.torch import KTMoE, patch_model, save_adapter
 
     transformers.logging.set_verbosity_error()

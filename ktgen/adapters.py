@@ -38,7 +38,7 @@ convention below is read from PEFT's source, huggingface/peft:
   ``rank_pattern`` / ``alpha_pattern`` keys are matched against the end of the parameter's
   name (``peft.utils.other.get_pattern_key``), so ``{"gate_up_proj": R}`` sets that rank.
 
-(Checked against peft 0.21.2: ``tests/test_torch.py`` builds the same adapter with PEFT
+(Checked against peft 0.21.2: ``tests/integration/test_torch.py`` builds the same adapter with PEFT
 itself when it is installed, and loads ktgen's files with ``PeftModel.from_pretrained``.)
 
 The mapping

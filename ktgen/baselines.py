@@ -1,4 +1,4 @@
-"""Honest baselines for `ktgen bench` (issue 12, item 5), measured in the same process as ktgen.
+"""Honest baselines for `ktgen bench`, measured in the same process as ktgen.
 
 Everything here takes the layer's data as `ktgen bench` holds it (NumPy arrays, bf16 as
 `ml_dtypes.bfloat16`) and returns plain dicts, so the bench command can print them next to

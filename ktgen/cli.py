@@ -342,17 +342,17 @@ def cmd_cache(args) -> int:
 # --------------------------------------------------------------------------- pack
 
 def cmd_pack(args) -> int:
-    from . import checkpoint
+    from . import pack as pack_mod
 
-    index = checkpoint.pack(args.checkpoint, args.out, quant=args.quant, group_size=args.group_size,
-                            isa=args.isa, tp_count=args.tp, progress=not args.quiet)
+    index = pack_mod.pack(args.checkpoint, args.out, quant=args.quant, group_size=args.group_size,
+                          isa=args.isa, tp_count=args.tp, progress=not args.quiet)
     layers = index["layers"]
     total = sum(v["base_weights"] for v in layers.values())
     first = next(iter(layers.values()))
     _out(f"packed {len(layers)} MoE layer{'s' * (len(layers) != 1)} of {index['checkpoint']} into "
          f"{args.out}: {fmt_bytes(total)}, tier {first['tier']}")
     _out(f"  layout: {first['layout']}")
-    _out(f"  index:  {Path(args.out) / checkpoint.PACK_INDEX}")
+    _out(f"  index:  {Path(args.out) / pack_mod.PACK_INDEX}")
     return 0
 
 

@@ -8,7 +8,7 @@ wrote it. The writer places the data at a 64-byte boundary of the file and every
 zeros at a 64-byte boundary of the data, so that a read-only mapping is aligned as the kernels'
 own storage is. It streams each buffer from the kernel to the file (the safetensors library's
 writer would copy the whole layer into Python bytes first, and cannot align), and the file reads
-back with ``safetensors.safe_open`` like any other (tests/test_packed.py checks that).
+back with ``safetensors.safe_open`` like any other (tests/system/test_packed.py checks that).
 
 A kernel whose ``packed_layout`` equals the file's attaches views of the mapping (no copy: the
 processes of one host share the page cache). Any other (another tier's interleave, another
@@ -259,7 +259,7 @@ def store_sizes(params: dict) -> list[tuple[int, int]]:
 
 
 def unpack(parts: list[list], params: dict) -> tuple:
-    """The §6 weights of packed buffers (one list of 12 uint8 arrays per partition, each at
+    """The base-format weights (docs/design.md#base-weight-formats) of packed buffers (one list of 12 uint8 arrays per partition, each at
     least store_sizes long)."""
     E, H, I_full, tp = params["E"], params["H"], params["I"], params["tp_count"]
     mode, G, pack, split = params["mode"], params["group_size"], params["pack"], params.get("split", 0)

@@ -4,6 +4,11 @@ on (helpers.EMULATED). What tests share otherwise lives in helpers.py."""
 from __future__ import annotations
 
 import os
+import sys
+
+# the test modules live in one directory per layer (spec, kernels, tiers, system, integration);
+# what they share (helpers, golden, dist_case) lives here
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # libgomp reads this when the first kernel loads. Spinning OpenMP workers between calls would
 # take one of CI's two cores from the NumPy reference running in the same process; results do

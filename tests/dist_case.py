@@ -1,4 +1,4 @@
-"""The layer and the data of tests/test_distributed.py, shared by the test and its worker ranks
+"""The layer and the data of tests/integration/test_distributed.py, shared by the test and its worker ranks
 (tests/dist_worker.py): the same seeds give both sides the same tensors."""
 
 from __future__ import annotations

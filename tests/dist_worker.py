@@ -1,4 +1,4 @@
-"""One rank of a distributed test (tests/test_distributed.py runs it in N processes):
+"""One rank of a distributed test (tests/integration/test_distributed.py runs it in N processes):
 
     python tests/dist_worker.py SCENARIO RANK WORLD PORT OUT_DIR
 

@@ -7,7 +7,7 @@ a tier moved elsewhere) is checked by recording the hashes before it and compari
     python tests/golden.py record tests/golden.json      # on the code before the change
     python tests/golden.py check tests/golden.json       # after it: lists every case that differs
 
-`tests/test_golden.py` checks the recorded file for the targets this CPU runs (natively, or
+`tests/kernels/test_golden.py` checks the recorded file for the targets this CPU runs (natively, or
 through the emulations, which are bit-exact with native code). A change that means to change
 results (other arithmetic) records the file again and says so in its commit.
 """

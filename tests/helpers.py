@@ -381,7 +381,7 @@ def check_cases_doc(cases: list[Case], doc) -> None:
         assert rows[c.id] == (c.result, c.fragment), (c.id, rows[c.id], (c.result, c.fragment))
 
 
-# ---- sanitized subprocesses (tests/test_sanitize.py, tests/test_fuzz_files.py) ----
+# ---- sanitized subprocesses (tests/system/test_sanitize.py, tests/system/test_fuzz_files.py) ----
 
 def libasan() -> str | None:
     cc = os.environ.get("KTGEN_CC") or os.environ.get("CC") or "cc"
